@@ -1,0 +1,2085 @@
+#!/usr/bin/env python3
+"""notesd: a notes REST API daemon in one file, needing nothing but the standard library.
+
+Architecture. The main thread runs the main loop (MainLoop), which alone owns
+the state: the sqlite3 database, the live configuration and the counters.
+The HTTP API runs in a ThreadingHTTPServer in its own thread; every handler
+turns a request that reads or changes state into a Command, puts it on the
+main loop's queue.Queue and waits for the reply. Signals reach the main loop
+the same way: the C-level handler writes to a wakeup fd, and a small relay
+thread turns that into a Command. socketserver's docstring puts the choice
+plainly: state shared by threads needs locks or a single owner. notesd picks
+the owner, so no lock guards the state; threads share only the queue and
+immutable snapshots (a Config object, the heartbeat timestamp) that the main
+loop replaces, never mutates.
+
+Usage:
+    python3 notesd.py [-c FILE] [--key-name VALUE ...] COMMAND
+
+Commands and exit codes (LSB init-script conventions):
+    start       daemonize, return once serving: 0 running (also if it was), 1 failed
+    stop        SIGTERM and wait (timeout, --force: SIGKILL): 0 stopped, 1 still running
+    restart     stop, then start
+    reload      check the file, SIGHUP, wait for the verdict: 0 applied, 6 invalid, 7 not running
+    status      0 running, 1 dead but pid file exists, 3 not running, 4 unknown
+    run         the daemon in the foreground (systemd, containers, debugging)
+    check       health check for cron (Nagios plugin API): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+    configtest  validate the configuration and print it: 0 valid, 6 invalid
+Exit code 2 is a usage error.
+
+Sections:
+    Constants & defaults, Errors, Config, Storage, Main loop, HTTP API,
+    Browsable HTML & OpenAPI, Logging, Process control, Daemonizer, CLI, main()
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import collections
+import configparser
+import datetime
+import email.errors
+import email.parser
+import email.policy
+import errno
+import fcntl
+import grp
+import hashlib
+import hmac
+import html
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import pwd
+import queue
+import re
+import resource
+import select
+import signal
+import socket
+import socketserver
+import sqlite3
+import string
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+
+###############################################################################
+# Constants & defaults ########################################################
+###############################################################################
+
+#: seconds between runs of the main loop's periodic work (heartbeat, stats).
+TICK = 1.0
+#: seconds without a heartbeat before /health reports the main loop stuck:
+#: three missed ticks, so one slow batch does not page anybody.
+HEARTBEAT_STALE = 3.0
+#: seconds sqlite waits for a lock held by another process before failing.
+#: Long on purpose: a stuck main loop is what /health exists to report.
+BUSY_TIMEOUT = 30.0
+#: commands the main loop takes from the queue at once; their writes share
+#: one transaction and so one fsync (group commit).
+MAX_BATCH = 256
+#: seconds an HTTP handler waits for the main loop's reply before a 503.
+REPLY_TIMEOUT = 30.0
+#: seconds `start` waits for the daemon to say it is ready (or why not).
+START_TIMEOUT = 30.0
+#: seconds between polls when the CLI waits for a process or a file.
+POLL = 0.01
+#: listen(2) backlog. socketserver's default of 5 drops connections under load.
+BACKLOG = 1024
+#: seconds between checks of serve_forever() for shutdown(): bounds `stop`.
+ACCEPT_POLL = 0.05
+#: notes per page of GET /: the default and the most a client may ask for.
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+#: largest note id a client may create: ids stay exact in JSON numbers read
+#: by JavaScript (RFC 8259 section 6), and AUTOINCREMENT keeps room above.
+MAX_ID = 2**53 - 1
+#: PATH for the daemon: nothing inherited from whoever started it (daemon(7)).
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: signals that keep SIG_IGN when the daemonizer resets handlers: CPython
+#: itself ignores them at startup and relies on EPIPE/EFBIG instead.
+KEEP_IGNORED = {signal.SIGPIPE, signal.SIGXFSZ}
+#: what the main loop does with each signal it is sent.
+SIGNAL_COMMANDS = {
+    signal.SIGTERM: "stop",
+    signal.SIGINT: "stop",
+    signal.SIGHUP: "reload",
+    signal.SIGUSR1: "reopen_logs",
+}
+
+log = logging.getLogger("notesd")
+
+JSON_TYPE = "application/json"
+HTML_TYPE = "text/html; charset=utf-8"
+
+Option = collections.namedtuple("Option", "default parse live help")
+
+
+def _parse_listen(text):
+    """'host:port' or '[ipv6]:port' -> (host, port); port 0 means any free port."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.\-]*):(\d{1,5})", text)
+    if not match:
+        raise ValueError("expected HOST:PORT or [IPV6]:PORT, such as 127.0.0.1:5000")
+    if int(match.group(2) or match.group(4)) > 65535:
+        raise ValueError("the port must be 0 to 65535")
+    return text
+
+
+def _parse_bool(text):
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if value is None:
+        raise ValueError("expected yes or no")
+    return value
+
+
+def _parse_umask(text):
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError("expected an octal file mode creation mask such as 027")
+    return int(text, 8)
+
+
+def _parse_level(text):
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected debug, info, warning or error")
+    return text.lower()
+
+
+def _parse_positive(kind, low, high):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}")
+        return value
+    return parse
+
+
+def _parse_user(text):
+    if text:
+        try:
+            pwd.getpwnam(text)
+        except KeyError:
+            raise ValueError("no such user on this system") from None
+    return text
+
+
+def _parse_group(text):
+    if text:
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise ValueError("no such group on this system") from None
+    return text
+
+
+def _parse_token(text):
+    # The token travels in an HTTP header: visible ASCII only (RFC 6750 b64token).
+    if not re.fullmatch(r"[A-Za-z0-9\-._~+/=]*", text):
+        raise ValueError("expected letters, digits and -._~+/= only")
+    return text
+
+
+def _parse_path(text):
+    return text
+
+
+#: The single source of configuration: defaults, validation, live-or-restart,
+#: the help text of `-h`, `configtest` and notesd.conf.example. A default of
+#: "" for a path means "derived at load time", as its help says.
+DEFAULTS = {
+    "listen": Option("127.0.0.1:5000", _parse_listen, False,
+                     "HOST:PORT or [IPV6]:PORT to serve HTTP on; port 0 picks a free port"),
+    "state_dir": Option("", _parse_path, False,
+                        "directory of the database and file log; /var/lib/notesd as root, "
+                        "else ~/.local/state/notesd"),
+    "pidfile": Option("", _parse_path, False,
+                      "pid file; /run/notesd.pid as root, else STATE_DIR/notesd.pid"),
+    "database": Option("", _parse_path, False, "sqlite3 database; STATE_DIR/notes.db"),
+    "log": Option("", _parse_path, False,
+                  "syslog, stderr or a file path; syslog when /dev/log exists, "
+                  "else STATE_DIR/notesd.log (`run` logs to stderr unless set)"),
+    "log_level": Option("info", _parse_level, True, "debug, info, warning or error"),
+    "syslog_address": Option("/dev/log", _parse_path, False, "unix socket of the syslog daemon"),
+    "access_log": Option("yes", _parse_bool, True, "log one line per HTTP request (yes/no)"),
+    "umask": Option("027", _parse_umask, False, "file mode creation mask of the daemon (octal)"),
+    "user": Option("", _parse_user, False, "drop privileges to this user after binding"),
+    "group": Option("", _parse_group, False, "and to this group (default: the user's)"),
+    "chroot": Option("", _parse_path, False, "chroot into this directory after opening files"),
+    "token": Option("", _parse_token, True,
+                    "if set, every request but /health needs 'Authorization: Bearer TOKEN'"),
+    "max_body": Option("1048576", _parse_positive(int, 0, 2**31), True,
+                       "largest request body in bytes (413 above)"),
+    "timeout": Option("10", _parse_positive(float, 0.01, 3600.0), True,
+                      "seconds a connection may idle or stall; also how long stop and check wait"),
+    "queue_size": Option("10000", _parse_positive(int, 1, 10**6), False,
+                         "commands waiting for the main loop before requests get 503"),
+}
+LIVE_KEYS = frozenset(k for k, o in DEFAULTS.items() if o.live)
+PATH_KEYS = ("state_dir", "pidfile", "database", "chroot", "syslog_address")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class NotesdError(Exception):
+    """Every error notesd reports. `status` is the HTTP status the API answers
+    with, `exit_code` what the CLI exits with; `headers` go with the response.
+    Translated in exactly two places: ApiHandler.dispatch and main()."""
+
+    def __init__(self, message, status=500, exit_code=1, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.exit_code = exit_code
+        self.headers = tuple(headers)
+
+
+class ConfigError(NotesdError):
+    """An invalid configuration: exit 6 (LSB 'program is not configured'), HTTP 400."""
+
+    def __init__(self, message):
+        super().__init__(message, status=400, exit_code=6)
+
+
+def _http_error(status, message, *headers):
+    return NotesdError(message, status=status, headers=headers)
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+
+class Config:
+    """A validated, immutable configuration.
+
+    Methods for the caller: Config.load(path, overrides), replace(changes),
+    public(). Values read as attributes (config.listen). Any thread may read a
+    Config; the main loop changes the configuration by publishing a new one.
+    """
+
+    def __init__(self, values, path=None, overrides=None):
+        self._values = values
+        self.path = path
+        self.overrides = dict(overrides or {})
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def load(cls, path=None, overrides=None):
+        """Read `path` (INI, section [notesd]), then apply `overrides` (from the
+        command line, which win). Relative paths in the file are relative to
+        the file's directory, on the command line to the current directory."""
+        raw = {}
+        if path:
+            path = os.path.abspath(path)
+            raw = _read_ini(path)
+        values = {}
+        for key, option in DEFAULTS.items():
+            source, text = "default", option.default
+            if key in raw:
+                source, text = path, raw[key]
+            if overrides and overrides.get(key) is not None:
+                source, text = "the command line", overrides[key]
+            values[key] = _validate(key, text, source)
+            if key in PATH_KEYS or (key == "log" and text not in ("", "syslog", "stderr")):
+                base = os.path.dirname(path) if source == path else os.getcwd()
+                values[key] = os.path.join(base, text) if text else ""
+        values["_log_explicit"] = bool(raw.get("log") or (overrides or {}).get("log"))
+        _derive_paths(values)
+        return cls(values, path, overrides)
+
+    def replace(self, changes, source="PATCH /config"):
+        """A new Config with `changes` ({key: text}) validated and applied."""
+        values = dict(self._values)
+        for key, text in changes.items():
+            if key not in DEFAULTS:
+                raise ConfigError(f"{source}: unknown key '{key}'; known keys: "
+                                  + ", ".join(DEFAULTS))
+            values[key] = _validate(key, text, source)
+        return Config(values, self.path, self.overrides)
+
+    def changed(self, other):
+        """Keys whose values differ between self and other."""
+        return sorted(k for k in DEFAULTS if self._values[k] != other._values[k])
+
+    def public(self):
+        """The values for GET /config and configtest: JSON types, token redacted."""
+        out = {k: self._values[k] for k in DEFAULTS}
+        out["umask"] = format(out["umask"], "04o")
+        if out["token"]:
+            out["token"] = "***"
+        return out
+
+    @property
+    def address(self):
+        """(host, port, family) of `listen`."""
+        host, _, port = self.listen.rpartition(":")
+        if host.startswith("["):
+            return host[1:-1], int(port), socket.AF_INET6
+        return host or "0.0.0.0", int(port), socket.AF_INET
+
+
+def _read_ini(path):
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e}") from None
+    extra = [s for s in parser.sections() if s != "notesd"]
+    if extra or not parser.has_section("notesd"):
+        raise ConfigError(f"{path}: expected exactly one section, [notesd]"
+                          + (f"; found [{extra[0]}]" if extra else ""))
+    return dict(parser.items("notesd"))
+
+
+def _validate(key, text, source):
+    if key not in DEFAULTS:
+        raise ConfigError(f"{source}: unknown key '{key}'; known keys: " + ", ".join(DEFAULTS))
+    if isinstance(text, bool):
+        text = "yes" if text else "no"
+    elif isinstance(text, (int, float)):
+        text = str(text)
+    if not isinstance(text, str):
+        raise ConfigError(f"{source}: key '{key}' = {text!r}: expected a string or a number")
+    try:
+        return DEFAULTS[key].parse(text.strip())
+    except ValueError as e:
+        raise ConfigError(f"{source}: key '{key}' = '{text}': {e}") from None
+
+
+def _derive_paths(values):
+    """Fill the path defaults that depend on who runs notesd (see DEFAULTS)."""
+    root = os.geteuid() == 0
+    if not values["state_dir"]:
+        values["state_dir"] = ("/var/lib/notesd" if root else
+                               os.path.join(os.path.expanduser("~"), ".local/state/notesd"))
+    state = values["state_dir"]
+    if not values["pidfile"]:
+        values["pidfile"] = "/run/notesd.pid" if root else os.path.join(state, "notesd.pid")
+    if not values["database"]:
+        values["database"] = os.path.join(state, "notes.db")
+    if not values["log"]:
+        values["log"] = ("syslog" if os.path.exists(values["syslog_address"]) else
+                         os.path.join(state, "notesd.log"))
+    if values["chroot"] and not os.path.isdir(values["chroot"]):
+        raise ConfigError(f"key 'chroot' = '{values['chroot']}': not a directory")
+
+
+def example_config():
+    """The text of notesd.conf.example, generated from DEFAULTS."""
+    lines = ["# notesd configuration: every key with its default. Uncomment to change.",
+             "# Generated by: python3 notesd.py configtest --example", "", "[notesd]"]
+    for key, option in DEFAULTS.items():
+        lines += ["", f"# {option.help}" + ("" if option.live else " (needs a restart)"),
+                  f"#{key} = {option.default}"]
+    return "\n".join(lines) + "\n"
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+#: Schema migrations: MIGRATIONS[n] takes a database from user_version n to n+1.
+MIGRATIONS = [
+    """CREATE TABLE notes (
+           id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reuse a deleted id
+           text    TEXT NOT NULL,
+           created TEXT NOT NULL,                      -- RFC 3339, UTC
+           updated TEXT NOT NULL)""",
+]
+
+Row = collections.namedtuple("Row", "id text created updated")
+
+
+def utc_now():
+    """RFC 3339 timestamp, UTC, microseconds."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def etag(row):
+    """Strong entity tag of a note (RFC 9110 8.8.3): changes with every write."""
+    digest = hashlib.blake2b(f"{row.id}\0{row.updated}\0{row.text}".encode(), digest_size=8)
+    return f'"{digest.hexdigest()}"'
+
+
+class Store:
+    """The notes database: one sqlite3 connection, main loop only.
+
+    sqlite3's check_same_thread (on by default) enforces that. WAL with
+    synchronous=FULL makes every COMMIT durable before the main loop replies;
+    the caller groups writes with begin()/commit() (group commit).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA temp_store=MEMORY")  # no temp files: works in a chroot
+            self._migrate()
+            self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
+        except sqlite3.Error as e:
+            raise NotesdError(f"cannot open database {path}: {e}") from None
+
+    def _migrate(self):
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(f"schema version {version} is newer than this "
+                                        f"notesd knows ({len(MIGRATIONS)})")
+        for number in range(version, len(MIGRATIONS)):
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(MIGRATIONS[number])
+            self.db.execute(f"PRAGMA user_version = {number + 1}")
+            self.db.execute("COMMIT")
+
+    def begin(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self):
+        self.db.execute("COMMIT")
+
+    def rollback(self):
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def ping(self):
+        self.db.execute("SELECT 1").fetchone()
+
+    def close(self):
+        self.rollback()
+        self.db.close()
+
+    def page(self, after, limit, text=None):
+        """Up to `limit` notes with id > after, oldest first, text containing `text`."""
+        if text:
+            cursor = self.db.execute(
+                "SELECT * FROM notes WHERE id > ? AND instr(text, ?) > 0 ORDER BY id LIMIT ?",
+                (after, text, limit))
+        else:
+            cursor = self.db.execute("SELECT * FROM notes WHERE id > ? ORDER BY id LIMIT ?",
+                                     (after, limit))
+        return [Row._make(row) for row in cursor]
+
+    def get(self, note_id):
+        row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
+        return row and Row._make(row)
+
+    def insert(self, text, now):
+        cursor = self.db.execute("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
+                                 (text, now, now))
+        return Row(cursor.lastrowid, text, now, now)
+
+    def put(self, note_id, text, now, old):
+        if old:
+            self.db.execute("UPDATE notes SET text = ?, updated = ? WHERE id = ?",
+                            (text, now, note_id))
+            return Row(note_id, text, old.created, now)
+        self.db.execute("INSERT INTO notes (id, text, created, updated) VALUES (?, ?, ?, ?)",
+                        (note_id, text, now, now))
+        return Row(note_id, text, now, now)
+
+    def delete(self, note_id):
+        return self.db.execute("DELETE FROM notes WHERE id = ?", (note_id,)).rowcount
+
+###############################################################################
+# Main loop ###################################################################
+###############################################################################
+
+
+class Command:
+    """One request for the main loop, like a concurrent.futures work item.
+
+    Any thread makes one and waits on it; the main loop alone completes it.
+    The reply path is a single pre-acquired lock that finish() releases: the
+    cheapest one-shot signal between threads (no Event, no Queue per request).
+    """
+
+    __slots__ = ("name", "args", "result", "error", "queued_at", "_done")
+
+    def __init__(self, name, *args):
+        self.name = name
+        self.args = args
+        self.result = self.error = None
+        self.queued_at = time.monotonic()
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def finish(self, result=None, error=None):
+        """Main loop only."""
+        self.result, self.error = result, error
+        self._done.release()
+
+    def wait(self, timeout=REPLY_TIMEOUT):
+        """Any thread but the main loop: the result, or the error raised."""
+        if not self._done.acquire(timeout=timeout):
+            raise _http_error(503, "the main loop did not answer in time", ("Retry-After", "5"))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class MainLoop:
+    """The owner of all state; runs in the main thread.
+
+    Methods for other threads: submit() (put a command and wait for it),
+    and reading the attributes `heartbeat`, `storage_ok`, `lag`, `config`
+    and `closing`, which the loop replaces but never mutates in place.
+    Methods for the main thread: run(), drain(), and the command handlers
+    (the do_* methods, looked up by command name).
+
+    To build your own daemon on notesd, put your periodic work in tick().
+    """
+
+    #: commands that write: they run inside the batch's transaction.
+    WRITES = frozenset({"create", "put", "delete"})
+
+    def __init__(self, config, commands, store, logs):
+        self.config = config
+        self.commands = commands
+        self.store = store
+        self.logs = logs
+        self.responses = collections.deque()  # status codes from HTTP threads;
+        # deque.append and popleft are thread-safe (documented), so HTTP threads
+        # hand their counts to the owner without a lock.
+        self.requests = collections.Counter()
+        self.started = time.time()
+        self.heartbeat = time.monotonic()
+        self.storage_ok = True
+        self.lag = self._lag_window = 0.0
+        self.reloads, self.last_reload = 0, None
+        self.stopping = self.closing = False
+        self.server = None
+
+    # -- for any thread ----------------------------------------------------
+
+    def submit(self, name, *args):
+        """Queue a command and return its result (or raise its error)."""
+        if self.closing:
+            raise _http_error(503, "notesd is shutting down", ("Retry-After", "5"))
+        command = Command(name, *args)
+        try:
+            self.commands.put_nowait(command)
+        except queue.Full:
+            raise _http_error(503, "too many requests waiting; try again",
+                              ("Retry-After", "1")) from None
+        return command.wait()
+
+    # -- main thread only --------------------------------------------------
+
+    def run(self):
+        """Execute commands as they come, and tick() at least once a TICK."""
+        next_tick = time.monotonic()
+        while not self.stopping:
+            try:
+                first = self.commands.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                first = None
+            if first is not None:
+                self.execute(self._batch(first))
+            now = time.monotonic()
+            self.heartbeat = now
+            if now >= next_tick:
+                self.tick(now - next_tick)
+                next_tick = now + TICK
+
+    def drain(self, quiet=0.05, grace=5.0):
+        """After the listener closed: finish what requests in flight queued,
+        until the queue stays empty for `quiet` seconds (at most `grace`)."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                first = self.commands.get(timeout=quiet)
+            except queue.Empty:
+                break
+            self.execute(self._batch(first))
+        self.closing = True
+        while True:  # anything queued after the last look gets a clear 503
+            try:
+                self.commands.get_nowait().finish(
+                    error=_http_error(503, "notesd is shutting down", ("Retry-After", "5")))
+            except queue.Empty:
+                break
+
+    def tick(self, late):
+        """Periodic work, once a TICK: heartbeat, storage check, statistics.
+        Your own daemon's periodic work goes here; keep each run short."""
+        try:
+            self.store.ping()
+            self.storage_ok = True
+        except sqlite3.Error as e:
+            if self.storage_ok:
+                log.error("storage check failed: %s", e)
+            self.storage_ok = False
+        self.lag, self._lag_window = max(self._lag_window, late), 0.0
+        self._count_responses()
+
+    def _batch(self, first):
+        batch = [first]
+        self._lag_window = max(self._lag_window, time.monotonic() - first.queued_at)
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def execute(self, batch):
+        """Run a batch; its writes share one transaction, committed (one fsync)
+        before any reply goes out, so every acknowledged write is durable."""
+        pending = []  # write commands in the open transaction
+        delta = 0     # their change to the note count, applied on commit
+        for command in batch:
+            handler = getattr(self, "do_" + command.name)
+            try:
+                if command.name in self.WRITES and not pending:
+                    self.store.begin()
+                result = handler(*command.args)
+            except NotesdError as e:
+                command.error = e
+            except sqlite3.Error as e:
+                log.error("storage error in %s: %s", command.name, e)
+                command.error = _http_error(503, f"storage error: {e}", ("Retry-After", "5"))
+                self._abort(pending)
+                pending, delta = [], 0
+            except Exception as e:  # a bug: keep serving, say so in the log
+                log.exception("internal error in command %s", command.name)
+                command.error = _http_error(500, f"internal error: {type(e).__name__}")
+            else:
+                command.result = result
+                if command.name in self.WRITES:
+                    pending.append(command)
+                    delta += result[2]
+        if pending:
+            try:
+                self.store.commit()
+                self.store.count += delta
+            except sqlite3.Error as e:
+                log.error("commit failed: %s", e)
+                self._abort(pending)
+        for command in batch:
+            command.finish(command.result, command.error)
+
+    def _abort(self, pending):
+        """Roll back the open transaction and fail the writes that were in it."""
+        self.store.rollback()
+        for command in pending:
+            command.result = None
+            command.error = _http_error(503, "storage error: the write was not saved",
+                                        ("Retry-After", "5"))
+
+    def _count_responses(self):
+        responses = self.responses
+        while responses:
+            self.requests[f"{responses.popleft() // 100}xx"] += 1
+
+    # -- command handlers (main thread only) ---------------------------------
+    # Writes return (reply, created?, change to the note count).
+
+    def do_list(self, after, limit, text):
+        return self.store.page(after, limit, text)
+
+    def do_get(self, note_id):
+        return self.store.get(note_id)
+
+    def do_create(self, text):
+        return self.store.insert(text, utc_now()), True, 1
+
+    def do_put(self, note_id, text, if_match):
+        old = self.store.get(note_id)
+        _check_precondition(old, if_match)
+        return self.store.put(note_id, text, utc_now(), old), old is None, int(old is None)
+
+    def do_delete(self, note_id, if_match):
+        _check_precondition(self.store.get(note_id), if_match)
+        return None, False, -self.store.delete(note_id)
+
+    def do_status(self):
+        self._count_responses()
+        config = self.config
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "python": sys.version.split()[0],
+            "started_at": datetime.datetime.fromtimestamp(
+                self.started, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "uptime": round(time.time() - self.started, 3),
+            "listen": self.server.url if self.server else None,
+            "pidfile": config.pidfile,
+            "database": config.database,
+            "notes": self.store.count,
+            "requests": dict(sorted(self.requests.items())),
+            "queue_depth": self.commands.qsize(),
+            "loop_lag_ms": round(self.lag * 1000, 3),
+            "threads": threading.active_count(),
+            "rss_bytes": rss_bytes(),
+            "reloads": self.reloads,
+            "last_reload": self.last_reload,
+        }
+
+    def do_patch_config(self, changes):
+        new = self.config.replace(changes)
+        restart = sorted(set(self.config.changed(new)) - LIVE_KEYS)
+        if restart:
+            raise _http_error(409, "these keys need a restart: " + ", ".join(restart))
+        self.apply(new)
+        return new.public()
+
+    def do_signal(self, signum):
+        getattr(self, "on_" + SIGNAL_COMMANDS[signum])()
+
+    # -- signal actions (main thread only) -------------------------------
+
+    def on_stop(self):
+        log.info("stopping (signal)")
+        self.stopping = True
+
+    def on_reload(self):
+        """SIGHUP: re-read the file, apply what can change live, keep the old
+        configuration whole if the new one is invalid."""
+        self.reloads += 1
+        try:
+            new = Config.load(self.config.path, self.config.overrides)
+        except NotesdError as e:
+            log.error("reload failed, keeping the old configuration: %s", e)
+            self.last_reload = {"ok": False, "message": str(e)}
+            return
+        restart = sorted(set(self.config.changed(new)) - LIVE_KEYS)
+        if restart:
+            log.warning("reload: changes to %s need a restart; not applied", ", ".join(restart))
+            new = self.config.replace({k: _show(new, k) for k in self.config.changed(new)
+                                       if k in LIVE_KEYS}, "reload")
+        self.apply(new)
+        self.last_reload = {"ok": True, "message": "applied", "restart_needed": restart}
+        log.info("reloaded configuration from %s", self.config.path or "defaults")
+
+    def on_reopen_logs(self):
+        self.logs.reopen()
+        log.info("log files reopened")
+
+    def apply(self, new):
+        """Publish a new live configuration to every thread."""
+        changed = self.config.changed(new)
+        self.config = new
+        if self.server:
+            self.server.config = new
+        self.logs.configure(new)
+        if changed:
+            log.info("configuration changed: %s", ", ".join(changed))
+
+
+def _show(config, key):
+    """A config value as text that Config.replace() accepts again."""
+    return config.public()[key] if key != "token" else config.token
+
+
+def _check_precondition(row, if_match):
+    """If-Match (RFC 9110 13.1.1): '*' needs a current note, a tag must match it."""
+    if if_match is None:
+        return
+    if row is None or (if_match.strip() != "*" and etag(row) not in
+                       [t.strip() for t in if_match.split(",")]):
+        raise _http_error(412, "precondition failed: the note has changed or does not exist")
+
+
+def rss_bytes():
+    """Resident set size of this process, from /proc, else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SignalRelay:
+    """Turns signals into commands for the main loop.
+
+    A Python signal handler runs in the main thread between bytecodes, maybe
+    while that thread is inside queue.Queue.get() holding the queue's lock:
+    calling Queue.put there would deadlock (Queue is not reentrant). So we use
+    signal.set_wakeup_fd: the C-level handler writes the signal number to a
+    socketpair, the Python-level handler does nothing, and this thread reads
+    the numbers and puts commands on the queue like any other client.
+    """
+
+    def __init__(self, commands):
+        self.commands = commands
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        for signum in SIGNAL_COMMANDS:
+            signal.signal(signum, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._relay, name="signals", daemon=True).start()
+
+    def _relay(self):
+        while True:
+            for signum in self.reader.recv(64):
+                if signum in SIGNAL_COMMANDS:
+                    # put() blocks when the queue is full: a signal is never dropped.
+                    self.commands.put(Command("signal", signum))
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+# The routes come first: the handler, the OpenAPI document and the browsable
+# page are all read off this one table, so they cannot disagree.
+
+Op = collections.namedtuple("Op", "handler summary statuses request response")
+
+NOTE_OPS = {
+    "GET": Op("get_note", "Get a note (with an ETag)", (200, 404), None, "Note"),
+    "PUT": Op("put_note", "Replace the note, or create it with this id",
+              (200, 201, 400, 411, 412, 413, 415), "NoteText", "Note"),
+    "DELETE": Op("delete_note", "Delete the note, whether or not it exists",
+                 (204, 412), None, None),
+}
+
+#: (OpenAPI path, regular expression, {method: Op}).
+ROUTES = [
+    ("/", r"/", {
+        "GET": Op("list_notes", "List notes, oldest first; ?limit=N&after=ID&q=TEXT",
+                  (200, 400), None, "NoteList"),
+        "POST": Op("create_note", "Create a note (JSON, form or multipart body)",
+                   (201, 400, 411, 413, 415), "NoteText", "Note"),
+    }),
+    ("/{id}/", r"/(\d+)/", NOTE_OPS),
+    ("/{id}", r"/(\d+)", NOTE_OPS),
+    ("/health", r"/health", {
+        "GET": Op("health", "Liveness: main loop heartbeat and storage; needs no token",
+                  (200, 503), None, "Health"),
+    }),
+    ("/status", r"/status", {
+        "GET": Op("status", "Process and server statistics", (200,), None, "Status"),
+    }),
+    ("/config", r"/config", {
+        "GET": Op("get_config", "The live configuration, token redacted", (200,), None, "Config"),
+        "PATCH": Op("patch_config", "Change live keys; all or nothing",
+                    (200, 400, 409, 411, 413, 415), "Config", "Config"),
+    }),
+    ("/openapi.json", r"/openapi\.json", {
+        "GET": Op("openapi", "This document", (200,), None, None),
+    }),
+]
+ROUTE_TABLE = [(re.compile(regex), methods) for _, regex, methods in ROUTES]
+
+#: A Host header we are willing to echo into URLs (RFC 9110 7.2; RFC 3986 3.2.2).
+HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+#: The largest id SQLite can store; a larger one names no note.
+SQLITE_MAX_INT = 2**63 - 1
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, serving ApiHandler.
+
+    Created (bound) while still privileged; `config` is the live Config that
+    the main loop replaces on reload or PATCH; `loop` the MainLoop to submit to.
+    """
+
+    daemon_threads = True  # an idle keep-alive client must not hold up exit
+    request_queue_size = BACKLOG
+    allow_reuse_address = True  # a restart rebinds at once despite TIME_WAIT
+
+    def __init__(self, config):
+        host, port, self.address_family = config.address
+        self.config = config
+        self.loop = None
+        try:
+            super().__init__((host, port), ApiHandler)
+        except OSError as e:
+            raise NotesdError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
+        host, port = self.server_address[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.host_header = f"{shown}:{port}"
+        self.url = f"http://{shown}:{port}/"
+        # Protected mode, as in redis: a public address and no token means we
+        # answer only clients on loopback, and tell the others how to fix it.
+        self.public = not ipaddress.ip_address(host).is_loopback
+
+    def server_bind(self):
+        # Not HTTPServer.server_bind: its socket.getfqdn() can wait on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        # socketserver would print a traceback to stderr for a client that
+        # vanished; that is not an error of ours.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("connection from %s: %s", client_address[0], error)
+        else:
+            log.exception("unexpected error serving %s", client_address[0])
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """One connection. Parses requests, checks them, submits commands to the
+    main loop and writes the replies. Runs in the connection's thread; touches
+    no state but the immutable Config and the MainLoop's submit()."""
+
+    protocol_version = "HTTP/1.1"   # keep-alive; every response has a Content-Length
+    disable_nagle_algorithm = True  # else a small reply waits ~40 ms on delayed ACK
+    server_version = "notesd/" + __version__
+    sys_version = ""                # do not advertise the Python version
+
+    def setup(self):
+        self.timeout = self.server.config.timeout  # read timeout for this connection
+        super().setup()
+
+    def dispatch(self):
+        config = self.server.config
+        try:
+            path, _, query = self.path.partition("?")
+            self.authorize(config, path)
+            handler, args = self.route(path)
+            status, payload, headers = handler(*args, query)
+        except NotesdError as e:
+            status, payload, headers = e.status, {"message": str(e)}, e.headers
+        except socket.timeout:
+            self.close_connection = True
+            status, payload, headers = 408, {"message": "timed out reading the request"}, ()
+        except OSError as e:  # the client went away mid-request
+            log.debug("client %s: %s", self.client_address[0], e)
+            self.close_connection = True
+            return
+        except Exception as e:
+            log.exception("internal error on %s %s", self.command, self.path)
+            status, payload, headers = 500, {"message": f"internal error: {type(e).__name__}"}, ()
+        self.respond(status, payload, headers)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+
+    def route(self, path):
+        for pattern, methods in ROUTE_TABLE:
+            match = pattern.fullmatch(path)
+            if match:
+                allow = ", ".join(sorted({"HEAD", "OPTIONS", *methods}))
+                method = "GET" if self.command == "HEAD" else self.command
+                if method == "OPTIONS":
+                    return (lambda query: (204, None, [("Allow", allow)])), ()
+                if method not in methods:
+                    raise _http_error(405, f"{self.command} is not allowed on {path}",
+                                      ("Allow", allow))
+                return getattr(self, methods[method].handler), match.groups()
+        raise _http_error(404, f"no such resource: {path}")
+
+    def authorize(self, config, path):
+        if self.server.public and not config.token and not _is_loopback(self.client_address[0]):
+            raise _http_error(403, "protected mode: notesd listens on a public address "
+                              "without a token, so it answers loopback clients only. Set "
+                              "'token = SECRET' in the [notesd] section of the config file "
+                              "(or run with --token SECRET), restart or reload, and send "
+                              "'Authorization: Bearer SECRET'")
+        if config.token and path != "/health":
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    given.strip().encode(), config.token.encode()):
+                raise _http_error(401, "a valid 'Authorization: Bearer TOKEN' header is required",
+                                  ("WWW-Authenticate", 'Bearer realm="notesd"'))
+
+    # -- endpoints: each returns (status, payload, headers) ----------------
+
+    def list_notes(self, query):
+        params = _query(query)
+        limit = _int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+        after = _int_param(params, "after", 0, 0, SQLITE_MAX_INT)
+        text = params.get("q") or None
+        rows = self.server.loop.submit("list", after, limit + 1, text)
+        base, headers = self.base_url(), []
+        if len(rows) > limit:  # one more than asked for: another page exists (RFC 8288)
+            rows = rows[:limit]
+            following = {"after": rows[-1].id, "limit": limit, **({"q": text} if text else {})}
+            headers.append(("Link", f'<{base}/?{urllib.parse.urlencode(following)}>; rel="next"'))
+        return 200, [_note_json(row, base) for row in rows], headers
+
+    def create_note(self, query):
+        row, _, _ = self.server.loop.submit("create", self.read_text())
+        note = _note_json(row, self.base_url())
+        return 201, note, [("Location", note["url"]), ("ETag", etag(row))]
+
+    def get_note(self, note_id, query):
+        note_id = int(note_id)
+        row = self.server.loop.submit("get", note_id) if note_id <= SQLITE_MAX_INT else None
+        if row is None:
+            raise _http_error(404, f"no note with id {note_id}")
+        return 200, _note_json(row, self.base_url()), [("ETag", etag(row))]
+
+    def put_note(self, note_id, query):
+        note_id = int(note_id)
+        if note_id > MAX_ID:
+            raise _http_error(400, f"note ids go up to {MAX_ID}")
+        text = self.read_text()
+        row, created, _ = self.server.loop.submit("put", note_id, text,
+                                                  self.headers.get("If-Match"))
+        note = _note_json(row, self.base_url())
+        headers = [("ETag", etag(row))] + ([("Location", note["url"])] if created else [])
+        return (201 if created else 200), note, headers
+
+    def delete_note(self, note_id, query):
+        note_id, if_match = int(note_id), self.headers.get("If-Match")
+        if note_id <= SQLITE_MAX_INT:
+            self.server.loop.submit("delete", note_id, if_match)
+        elif if_match is not None:
+            _check_precondition(None, if_match)
+        return 204, None, ()
+
+    def health(self, query):
+        # Read the loop's heartbeat directly instead of queueing: this must
+        # answer, and say so, exactly when the main loop is stuck or swamped.
+        loop = self.server.loop
+        age = time.monotonic() - loop.heartbeat
+        body = {"status": "ok", "heartbeat_age": round(age, 3),
+                "loop_lag_ms": round(loop.lag * 1000, 3), "queue_depth": loop.commands.qsize()}
+        problem = ("notesd is shutting down" if loop.closing or loop.stopping else
+                   f"main loop stuck: no heartbeat for {age:.1f}s" if age > HEARTBEAT_STALE else
+                   "storage does not answer" if not loop.storage_ok else None)
+        if problem:
+            body.update(status="unavailable", message=problem)
+            return 503, body, [("Retry-After", "5")]
+        return 200, body, ()
+
+    def status(self, query):
+        return 200, self.server.loop.submit("status"), ()
+
+    def get_config(self, query):
+        return 200, self.server.config.public(), ()
+
+    def patch_config(self, query):
+        changes = _parse_json_object(self.read_body(), "the configuration patch")
+        return 200, self.server.loop.submit("patch_config", changes), ()
+
+    def openapi(self, query):
+        return 200, openapi_document(), ()
+
+    # -- request bodies ----------------------------------------------------
+
+    def read_body(self):
+        """The body, refused from the headers alone when it cannot be taken."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise _http_error(411, "chunked bodies are not supported; send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _http_error(411, "a request body needs a Content-Length header")
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise _http_error(400, f"bad Content-Length: {length!r}")
+        length, limit = int(length), self.server.config.max_body
+        if length > limit:
+            self.close_connection = True  # we will not read what follows
+            raise _http_error(413, f"the body is {length} bytes; the limit is {limit}")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ConnectionAbortedError("the client closed the connection mid-body")
+        return body
+
+    def read_text(self):
+        """The note text from a JSON, form or multipart body."""
+        body = self.read_body()
+        content_type = self.headers.get("Content-Type", JSON_TYPE)
+        parse = BODY_PARSERS.get(content_type.partition(";")[0].strip().lower())
+        if parse is None:
+            raise _http_error(415, f"unsupported Content-Type {content_type!r}; use "
+                              + ", ".join(BODY_PARSERS))
+        try:
+            fields = parse(body, content_type)
+        except (ValueError, LookupError, email.errors.MessageError) as e:
+            # UnicodeDecodeError is a ValueError; LookupError is an unknown charset.
+            raise _http_error(400, f"malformed body: {e}") from None
+        text = fields.get("text")
+        if not isinstance(text, str):
+            raise _http_error(400, "the body needs a 'text' field holding a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _http_error(400, "'text' is not valid Unicode (lone surrogate)") from None
+        return text
+
+    # -- responses ---------------------------------------------------------
+
+    def respond(self, status, payload, headers=()):
+        """Status line, headers and body in one write (one TCP segment for a
+        small reply, and no Nagle stall between them)."""
+        if payload is None:
+            body, content_type = b"", None
+        elif self.wants_html():
+            body, content_type = render_page(self, status, payload, headers), HTML_TYPE
+        else:
+            body, content_type = json.dumps(payload).encode() + b"\n", JSON_TYPE
+        lines = [f"HTTP/1.1 {status} {_phrase(status)}",
+                 f"Server: {self.server_version}",
+                 f"Date: {self.date_time_string()}"]
+        if content_type:
+            lines.append(f"Content-Type: {content_type}")
+        if status != 204:  # RFC 9110 8.6: no Content-Length in a 204
+            lines.append(f"Content-Length: {len(body)}")
+        lines += [f"{name}: {value}" for name, value in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(data if self.command == "HEAD" else data + body)
+        self.server.loop.responses.append(status)
+        if self.server.config.access_log:
+            log.info('%s "%s" %d %d', self.client_address[0],
+                     getattr(self, "requestline", ""), status, len(body))
+
+    def send_error(self, code, message=None, explain=None):
+        """The server's own errors (bad request line 400, 414, 431, 501) as JSON."""
+        self.close_connection = True
+        self.respond(code, {"message": message or _phrase(code)})
+
+    def wants_html(self):
+        headers = getattr(self, "headers", None)
+        if self.command not in ("GET", "HEAD") or headers is None:
+            return False
+        return _prefers_html(headers.get("Accept", ""))
+
+    def base_url(self):
+        host = self.headers.get("Host", "")
+        return "http://" + (host if HOST_RE.fullmatch(host) else self.server.host_header)
+
+    def log_message(self, format, *args):
+        # BaseHTTPRequestHandler logs its own errors (timeouts, bad requests)
+        # to stderr; in a daemon they belong in the log, at debug level.
+        log.debug("%s: %s", self.client_address[0], format % args)
+
+
+def _note_json(row, base):
+    return {"id": row.id, "url": f"{base}/{row.id}/", "text": row.text,
+            "created": row.created, "updated": row.updated}
+
+
+def _phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _is_loopback(address):
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def _query(query):
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _http_error(400, f"bad query string: {e}") from None
+    return dict(pairs)
+
+
+def _int_param(params, name, default, low, high):
+    text = params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise _http_error(400, f"'{name}' must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def _prefers_html(accept):
+    """Does an Accept header (RFC 9110 12.5.1) rank text/html at least as high as JSON?"""
+    if "html" not in accept:
+        return False
+    weights = {}
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        match = re.search(r"q\s*=\s*([0-9.]+)", params)
+        try:
+            weights[media.strip().lower()] = float(match.group(1)) if match else 1.0
+        except ValueError:
+            weights[media.strip().lower()] = 0.0
+    html_weight = weights.get("text/html", 0.0)
+    json_weight = weights.get(JSON_TYPE, weights.get("application/*", weights.get("*/*", 0.0)))
+    return html_weight > 0 and html_weight >= json_weight
+
+
+def _parse_json_object(body, what="the body"):
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except ValueError as e:
+        raise _http_error(400, f"malformed JSON in {what}: {e}") from None
+    if not isinstance(value, dict):
+        raise _http_error(400, f"{what} must be a JSON object")
+    return value
+
+
+def _form_fields(body, content_type):
+    return dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                       errors="strict"))
+
+
+def _multipart_fields(body, content_type):
+    # The cgi module is gone in Python 3.13; the email package parses MIME.
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ValueError("not a multipart body (missing boundary?)")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name and part.get_filename() is None:
+            payload = part.get_payload(decode=True) or b""
+            fields[name] = payload.decode(part.get_content_charset("utf-8"))
+    return fields
+
+
+def _json_fields(body, content_type):
+    return _parse_json_object(body)
+
+
+#: How each supported request Content-Type turns into fields.
+BODY_PARSERS = {
+    JSON_TYPE: _json_fields,
+    "application/x-www-form-urlencoded": _form_fields,
+    "multipart/form-data": _multipart_fields,
+}
+
+###############################################################################
+# Browsable HTML & OpenAPI ####################################################
+###############################################################################
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>notesd: $path</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:15px/1.45 system-ui,sans-serif;max-width:62em;margin:1.5em auto;padding:0 1em;color:#222}
+h1{font-size:1.3em}h1 a{color:inherit;text-decoration:none}
+pre{background:#f6f6f4;border:1px solid #ddd;padding:.8em;overflow:auto;white-space:pre-wrap}
+.req{font-family:monospace;font-size:1.05em}.s2{color:#185}.s4,.s5{color:#b22}
+form{margin:1em 0;padding:.8em;border:1px solid #ddd}textarea{width:100%;min-height:5em}
+nav a{margin-right:1em}
+</style></head><body>
+<h1><a href="/">notesd</a> $version</h1>
+<nav><a href="/">notes</a><a href="/status">status</a><a href="/health">health</a>
+<a href="/config">config</a><a href="/openapi.json">openapi.json</a></nav>
+<p class="req">$method $target</p>
+<pre class="s$cls">HTTP/1.1 $status $phrase
+$headers</pre>
+<pre>$body</pre>
+$forms
+<p>Token (if the server needs one): <input id="token" type="password" size="30"></p>
+<pre id="out"></pre>
+<script>
+const tok=document.getElementById('token');tok.value=sessionStorage.getItem('notesd-token')||'';
+tok.onchange=()=>sessionStorage.setItem('notesd-token',tok.value);
+async function send(method,url,body){
+  const h={'Accept':'application/json'};
+  if(tok.value)h['Authorization']='Bearer '+tok.value;
+  if(body!==undefined)h['Content-Type']='application/json';
+  const r=await fetch(url,{method:method,headers:h,body:body});
+  document.getElementById('out').textContent=r.status+' '+r.statusText+'\\n'+await r.text();
+  if(r.ok)location.href=method==='DELETE'?'/':(r.headers.get('Location')||location.href);
+}
+for(const f of document.querySelectorAll('form[data-method]'))f.onsubmit=e=>{
+  e.preventDefault();const v=f.elements.text.value;
+  send(f.dataset.method,f.dataset.url,f.dataset.raw?v:JSON.stringify({text:v}));};
+for(const b of document.querySelectorAll('button[data-delete]'))
+  b.onclick=()=>confirm('Delete this note?')&&send('DELETE',b.dataset.delete);
+</script></body></html>
+""")
+
+#: Forms shown under a page, by the kind of page.
+FORMS = {
+    "list": '<form data-method="POST" data-url="/"><b>New note</b>'
+            '<textarea name="text"></textarea><button>Create</button></form>',
+    "note": '<form data-method="PUT" data-url="$url"><b>Edit note</b>'
+            '<textarea name="text">$text</textarea><button>Save</button> '
+            '<button type="button" data-delete="$url">Delete</button></form>',
+    "config": '<form data-method="PATCH" data-url="/config" data-raw="1"><b>Change live '
+              'settings</b> (JSON object)<textarea name="text">{"log_level": "debug"}'
+              '</textarea><button>Patch</button></form>',
+}
+
+_LINK_RE = re.compile(r"&quot;(https?://[^&\s]+)&quot;")
+
+
+def render_page(handler, status, payload, headers):
+    """The browsable page: request, status, headers, the JSON with its links
+    clickable, and forms for the resource. Everything user-provided is escaped."""
+    text = html.escape(json.dumps(payload, indent=2, ensure_ascii=False))
+    text = _LINK_RE.sub(r'&quot;<a href="\1">\1</a>&quot;', text)
+    path = handler.path.partition("?")[0]
+    forms = ""
+    if status < 400 and path == "/":
+        forms = FORMS["list"]
+    elif status < 400 and path == "/config":
+        forms = FORMS["config"]
+    elif status < 400 and isinstance(payload, dict) and "text" in payload:
+        forms = string.Template(FORMS["note"]).substitute(
+            url=html.escape(path), text=html.escape(payload["text"]))
+    shown = [("Content-Type", JSON_TYPE), *headers]
+    return PAGE.substitute(
+        version=__version__, method=html.escape(handler.command), path=html.escape(path),
+        target=html.escape(handler.path), status=status, phrase=_phrase(status),
+        cls=status // 100, headers=html.escape("\n".join(f"{k}: {v}" for k, v in shown)),
+        body=text, forms=forms).encode()
+
+
+SCHEMAS = {
+    "Note": {"type": "object", "required": ["id", "url", "text", "created", "updated"],
+             "properties": {"id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                            "url": {"type": "string", "format": "uri"},
+                            "text": {"type": "string"},
+                            "created": {"type": "string", "format": "date-time"},
+                            "updated": {"type": "string", "format": "date-time"}}},
+    "NoteList": {"type": "array", "items": {"$ref": "#/components/schemas/Note"}},
+    "NoteText": {"type": "object", "required": ["text"],
+                 "properties": {"text": {"type": "string"}}},
+    "Error": {"type": "object", "required": ["message"],
+              "properties": {"message": {"type": "string"}}},
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"enum": ["ok", "unavailable"]},
+                              "message": {"type": "string"},
+                              "heartbeat_age": {"type": "number"},
+                              "loop_lag_ms": {"type": "number"},
+                              "queue_depth": {"type": "integer"}}},
+    "Status": {"type": "object", "required": ["pid", "version", "uptime", "notes"],
+               "properties": {k: {} for k in (
+                   "pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
+                   "database", "notes", "requests", "queue_depth", "loop_lag_ms", "threads",
+                   "rss_bytes", "reloads", "last_reload")}},
+    "Config": {"type": "object", "additionalProperties": False,
+               "properties": {k: {"description": o.help + ("" if o.live else " (restart)")}
+                              for k, o in DEFAULTS.items()}},
+}
+
+#: Responses any operation may give, besides its own.
+COMMON_STATUSES = (401, 403, 503)
+LIST_PARAMETERS = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                 "maximum": PAGE_MAX, "default": PAGE_DEFAULT}},
+    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    {"name": "q", "in": "query", "schema": {"type": "string"},
+     "description": "only notes whose text contains this"},
+]
+
+
+def _operation(template, method, op):
+    """One OpenAPI operation object, read off an Op of the route table."""
+    def content(schema):
+        return {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    responses = {}
+    for code in sorted({*op.statuses, *COMMON_STATUSES}):
+        response = {"description": _phrase(code)}
+        schema = op.response if code < 300 else "Error"
+        if code != 204 and schema and method != "HEAD":
+            response["content"] = content(schema)
+        responses[str(code)] = response
+    operation = {"summary": op.summary, "operationId": f"{op.handler}_{method.lower()}",
+                 "responses": responses}
+    if "{id}" in template:
+        operation["parameters"] = [{"name": "id", "in": "path", "required": True,
+                                    "schema": {"type": "integer", "minimum": 0}}]
+    if op.handler == "list_notes":
+        operation["parameters"] = LIST_PARAMETERS
+    if op.request:
+        body = content(op.request)
+        if op.request == "NoteText":
+            for form in ("application/x-www-form-urlencoded", "multipart/form-data"):
+                body[form] = body[JSON_TYPE]
+        operation["requestBody"] = {"required": True, "content": body}
+    return operation
+
+
+def openapi_document():
+    """The OpenAPI 3.1 description of every route the server answers."""
+    paths = {}
+    for template, _, methods in ROUTES:
+        item = {m.lower(): _operation(template, m, op) for m, op in methods.items()}
+        item["head"] = _operation(template, "HEAD", methods["GET"])
+        item["options"] = {"summary": "Allowed methods", "operationId":
+                           f"{methods['GET'].handler}_options",
+                           "responses": {"204": {"description": "No Content"}}}
+        paths[template] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "notesd", "version": __version__,
+                 "description": "Notes REST API of the notesd daemon."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+    }
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+
+class _RedactToken(logging.Filter):
+    """Keeps the token out of every log line, whatever logged it."""
+
+    token = ""
+
+    def filter(self, record):
+        if self.token:
+            message = record.getMessage()
+            if self.token in message:
+                record.msg, record.args = message.replace(self.token, "***"), None
+        return True
+
+
+class Logs:
+    """The daemon's one log handler: syslog (facility daemon), stderr or a file.
+
+    A file survives logrotate twice over: WatchedFileHandler reopens it when
+    it was moved, and SIGUSR1 (reopen()) reopens it when asked.
+    """
+
+    def __init__(self, config, foreground):
+        target = config.log
+        if foreground and not config._log_explicit:
+            target = "stderr"
+        self.path = None
+        if target == "stderr":
+            handler = logging.StreamHandler(sys.stderr)
+            fmt = "%(asctime)s notesd[%(process)d] %(levelname)s %(message)s"
+        elif target == "syslog":
+            try:
+                handler = logging.handlers.SysLogHandler(
+                    config.syslog_address, logging.handlers.SysLogHandler.LOG_DAEMON)
+            except OSError as e:
+                raise NotesdError(f"cannot reach syslog at {config.syslog_address}: {e}") from None
+            handler.append_nul = False
+            fmt = "notesd[%(process)d]: %(levelname)s %(message)s"
+        else:
+            try:
+                handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+            except OSError as e:
+                raise NotesdError(f"cannot open log file {target}: {e.strerror}") from None
+            self.path = target
+            fmt = "%(asctime)s notesd[%(process)d] %(levelname)s %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+        self.redact = _RedactToken()
+        handler.addFilter(self.redact)
+        self.handler = handler
+        log.handlers = [handler]
+        log.propagate = False
+        self.configure(config)
+
+    def configure(self, config):
+        """Apply the live keys: level and the token to redact. Main loop only."""
+        log.setLevel(config.log_level.upper())
+        self.redact.token = config.token
+
+    def reopen(self):
+        """SIGUSR1: reopen a log file (after logrotate moved it). Main loop only."""
+        handler = self.handler
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = handler._open()
+
+    def chown(self, uid, gid):
+        if self.path:
+            os.chown(self.path, uid, gid)
+
+    def chroot(self, root):
+        """After chroot(2) the log's path is relative to the new root, if inside it."""
+        if self.path and self.path.startswith(root.rstrip("/") + "/"):
+            self.handler.baseFilename = self.path = self.path[len(root.rstrip("/")):]
+
+
+###############################################################################
+# Process control #############################################################
+###############################################################################
+# The pid file is locked with fcntl (POSIX record locks) for the daemon's
+# life. Its lock, not its content, says whether notesd runs: F_GETLK names the
+# holder's pid without taking the lock (APUE 14.3, lock_test), so `stop` never
+# signals a pid read from a stale file. POSIX locks drop when the process
+# closes any descriptor of the file: the daemon opens its pid file only once.
+
+#: struct flock, by platform: (struct format, field names).
+FLOCK = (("hhqqi4x", ("type", "whence", "start", "len", "pid"))
+         if sys.platform.startswith("linux") else
+         ("qqihh", ("start", "len", "pid", "type", "whence")))
+
+
+def lock_holder(path):
+    """The pid of the process holding `path` locked, or None. Never takes the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fmt, names = FLOCK
+        query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
+        result = dict(zip(names, struct.unpack(fmt, answer)))
+        return None if result["type"] == fcntl.F_UNLCK else result["pid"]
+    finally:
+        os.close(fd)
+
+
+class AlreadyRunning(NotesdError):
+    def __init__(self, pid):
+        super().__init__(f"notesd is already running, pid {pid}", exit_code=0)
+        self.pid = pid
+
+
+class PidFile:
+    """The daemon's pid file, created and locked for the daemon's whole life."""
+
+    def __init__(self, path):
+        # No O_TRUNC: until we hold the lock, the file may be a live daemon's.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise NotesdError(f"cannot open pid file {path}: {e.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise AlreadyRunning(lock_holder(path)) from None
+            raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
+        os.ftruncate(fd, 0)  # a stale pid file is ours now
+        os.write(fd, b"%d\n" % os.getpid())
+        self.path, self.fd = path, fd
+
+    def remove(self):
+        """At exit. May fail after dropping privileges; `stop` then removes it."""
+        _remove(self.path)
+
+
+def url_file(config):
+    """Where the daemon writes the URL it really serves: beside the pid file."""
+    return os.path.splitext(config.pidfile)[0] + ".url"
+
+
+def read_url(config):
+    try:
+        with open(url_file(config)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    """Is `pid` a live process (a zombie counts as gone: it has exited)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_for(predicate, timeout):
+    """Poll `predicate` every POLL seconds until true or `timeout`; its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(POLL)
+    return True
+
+
+###############################################################################
+# Daemonizer ##################################################################
+###############################################################################
+# `start` runs these steps in order (APUE 13.3 "Coding Rules"; systemd's
+# daemon(7), "SysV Daemons"). 1-2 happen in cmd_start, 3-5 in daemonize(),
+# 6-9 in serve(), which `run` calls directly in the foreground.
+#   1. validate the config, make every path absolute (Config.load)
+#   2. exit 0 if the pid file is locked by a running notesd
+#   3. readiness pipe, fork: the original process waits for the verdict
+#   4. setsid, fork again: never a session leader, so never a controlling tty
+#   5. umask, chdir /, signals reset, safe PATH, close fds, stdio on /dev/null,
+#      no core dumps
+#   6. pid file: lock, then write
+#   7. bind and open storage while privileged, chroot, drop privileges
+#   8. logging
+#   9. HTTP thread, READY to the waiting parent, main loop in the main thread
+
+
+def daemonize(config):
+    """Steps 3-5, then serve(). Returns start's exit code in the original
+    process; the daemon never returns from here."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(writer)
+        os.waitpid(child, 0)  # the intermediate child leaves at once
+        return _await_ready(reader, config)
+    code = 1
+    try:
+        os.close(reader)
+        _new_session()
+        _reset_process_state(config.umask, keep={writer})
+        code = serve(config, Readiness(writer), foreground=False)
+    except BaseException as e:  # whatever happens, never return into the CLI
+        Readiness(writer).failed(f"daemon failed: {e}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _new_session():
+    """Step 4. setsid() leaves the terminal's session and process group, so
+    no terminal signal reaches us; the second fork makes the daemon a non-
+    leader of that session, which can never acquire a controlling terminal
+    (APUE 13.3, System V rule). The leader leaves with os._exit: no atexit
+    handlers or buffers of the parent's run twice."""
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+
+
+def _reset_process_state(umask, keep):
+    """Step 5: shed everything inherited from whoever started us."""
+    os.umask(umask)      # our files get our modes, not the caller's umask
+    os.chdir("/")        # do not keep a mounted filesystem busy
+    _reset_signals()
+    os.environ["PATH"] = SAFE_PATH
+    _close_inherited_fds(keep)
+    _stdio_to_devnull()
+    # Core dumps off: they would hold the token and the notes.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _reset_signals():
+    """Default dispositions and an empty mask: both survive fork and exec, so a
+    parent that ignored or blocked SIGTERM (nohup, some init scripts) would
+    otherwise leave us unstoppable (daemon(7), steps 3-4)."""
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(signum, signal.SIG_IGN if signum in KEEP_IGNORED else signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # signals the kernel or Python keeps for itself
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _close_inherited_fds(keep):
+    """Close every fd but stdio and `keep`: listing /proc/self/fd costs what is
+    open, where looping to RLIMIT_NOFILE can cost a million close() calls."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = range(3, min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 65536))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, already closed
+
+
+def _stdio_to_devnull():
+    """stdin, stdout, stderr on /dev/null: a stray print or read must not fail
+    or block, and must not write onto a terminal or a file that fd once was."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+class Readiness:
+    """Tells the process waiting in `start` that we serve, or why we cannot.
+    One line on the readiness pipe: READY|RUNNING|ERROR text. Without a pipe
+    (`run`), it does nothing."""
+
+    def __init__(self, fd=None):
+        self.fd = fd
+
+    def _send(self, kind, text):
+        if self.fd is not None:
+            try:
+                os.write(self.fd, f"{kind} {text}\n".encode())
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+    def ready(self, text):
+        self._send("READY", text)
+
+    def running(self, text):
+        self._send("RUNNING", text)
+
+    def failed(self, text):
+        self._send("ERROR", text)
+
+
+def _await_ready(reader, config):
+    """Step 3, the waiting side: the daemon's verdict becomes start's exit code."""
+    deadline = time.monotonic() + START_TIMEOUT
+    data = b""
+    with os.fdopen(reader, "rb", buffering=0) as pipe:
+        while b"\n" not in data and time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], deadline - time.monotonic())
+            chunk = pipe.read(512) if ready else b""
+            if ready and not chunk:
+                break  # EOF: the daemon is gone
+            data += chunk
+    kind, _, text = data.decode(errors="replace").strip().partition(" ")
+    if kind == "READY":
+        print(text)
+        return 0
+    if kind == "RUNNING":  # a concurrent start won: wait until it serves
+        _wait_for(lambda: read_url(config), START_TIMEOUT)
+        print(f"{text}, {read_url(config)}")
+        return 0
+    print("notesd: " + (text if kind == "ERROR" else
+                        "the daemon exited before it was ready; see its log"
+                        if not data else "no answer from the daemon"), file=sys.stderr)
+    return 1
+
+
+def serve(config, readiness, foreground):
+    """Steps 6-9, then the main loop until stopped. Returns the exit code."""
+    try:
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        pidfile = PidFile(config.pidfile)
+    except AlreadyRunning as e:
+        readiness.running(str(e))
+        return 0
+    except (NotesdError, OSError) as e:
+        readiness.failed(_reason(e))
+        return 1
+    commands = queue.Queue(config.queue_size)
+    try:
+        SignalRelay(commands)  # now: a TERM during start-up is not lost
+        logs = Logs(config, foreground)
+        server = ApiServer(config)
+        store = Store(config.database)
+        with open(url_file(config), "w") as f:
+            f.write(server.url + "\n")
+        _enter_jail(config, logs)
+    except (NotesdError, OSError) as e:
+        log.error("cannot start: %s", _reason(e))
+        readiness.failed(_reason(e))
+        _remove(url_file(config))
+        pidfile.remove()
+        return 1
+    loop = MainLoop(config, commands, store, logs)
+    server.loop, loop.server = loop, server
+    threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL,),
+                     name="http", daemon=True).start()
+    log.info("notesd %s started, pid %d, serving %s", __version__, os.getpid(), server.url)
+    readiness.ready(f"notesd {__version__} running, pid {os.getpid()}, {server.url}")
+    code = 0
+    try:
+        loop.run()
+    except Exception:  # a bug; shut down cleanly all the same, and say why
+        log.exception("main loop failed")
+        code = 1
+    finally:
+        _shut_down(config, server, loop, store, pidfile)
+    return code
+
+
+def _reason(error):
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
+
+
+def _enter_jail(config, logs):
+    """Step 7's second half: with every file open and the socket bound, hand
+    state_dir to the daemon's user, chroot, then drop privileges for good."""
+    if not (config.user or config.group or config.chroot):
+        return
+    user = pwd.getpwnam(config.user) if config.user else None
+    gid = grp.getgrnam(config.group).gr_gid if config.group else (
+        user.pw_gid if user else os.getgid())
+    uid = user.pw_uid if user else os.getuid()
+    # Read /etc/group now: after chroot it may not be there.
+    groups = os.getgrouplist(user.pw_name, gid) if user else [gid]
+    if user or config.group:
+        for path in (config.state_dir, config.database, config.database + "-wal",
+                     config.database + "-shm"):
+            if os.path.exists(path):
+                os.chown(path, uid, gid)
+        logs.chown(uid, gid)
+    if config.chroot:
+        os.chroot(config.chroot)
+        os.chdir("/")
+        logs.chroot(config.chroot)
+    if user or config.group:
+        os.setgroups(groups)  # the user's groups, not root's
+        os.setgid(gid)        # before setuid: afterwards we could not
+        os.setuid(uid)
+        if uid != 0:
+            try:
+                os.setuid(0)
+            except PermissionError:
+                pass
+            else:
+                raise NotesdError("privileges were not dropped: could become root again")
+
+
+def _shut_down(config, server, loop, store, pidfile):
+    """TERM/INT: stop accepting, finish requests in flight, close storage,
+    remove the pid file. Main thread only."""
+    server.shutdown()      # serve_forever returns: no new connections
+    loop.drain()           # what requests in flight queued, then 503s
+    server.server_close()
+    store.close()
+    _remove(url_file(config))
+    pidfile.remove()
+    log.info("stopped")
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+# Each command takes (config, args) and returns the exit code. Messages go
+# to stdout, errors to stderr; nothing below main() exits.
+
+
+def cmd_start(config, args):
+    pid = lock_holder(config.pidfile)
+    if pid:
+        print(f"notesd already running, pid {pid}, {read_url(config) or config.listen}")
+        return 0
+    return daemonize(config)
+
+
+def cmd_run(config, args):
+    return serve(config, Readiness(), foreground=True)
+
+
+def cmd_stop(config, args):
+    pid = lock_holder(config.pidfile)
+    if not pid:
+        _remove_leftovers(config)
+        print("notesd is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_for(lambda: not _alive(pid), config.timeout):
+        if not args.force:
+            print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
+                  "(use --force to kill it)", file=sys.stderr)
+            return 1
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), config.timeout)
+        print(f"notesd killed, pid {pid}")
+    else:
+        print(f"notesd stopped, pid {pid}")
+    _remove_leftovers(config)
+    return 0
+
+
+def _remove_leftovers(config):
+    """The pid and URL files a daemon could not remove (privileges dropped,
+    chroot, or killed), once nobody holds the lock."""
+    if os.path.exists(config.pidfile) and not lock_holder(config.pidfile):
+        _remove(config.pidfile)
+        _remove(url_file(config))
+
+
+def cmd_restart(config, args):
+    code = cmd_stop(config, args)
+    return code if code else cmd_start(config, args)
+
+
+def cmd_status(config, args):
+    try:
+        pid = lock_holder(config.pidfile)
+        started = os.stat(config.pidfile).st_mtime if pid else None
+    except OSError as e:
+        print(f"notesd status unknown: {_reason(e)}")
+        return 4
+    if pid:
+        print(f"notesd running, pid {pid}, {read_url(config) or config.listen}, "
+              f"uptime {_duration(time.time() - started)}")
+        return 0
+    if os.path.exists(config.pidfile):
+        print(f"notesd is not running, but the pid file {config.pidfile} exists")
+        return 1
+    print("notesd is not running")
+    return 3
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
+
+
+def cmd_reload(config, args):
+    """The file was already validated by main(); signal, then wait for the
+    daemon to report this reload's outcome in /status."""
+    pid = lock_holder(config.pidfile)
+    if not pid:
+        print("notesd is not running", file=sys.stderr)
+        return 7
+    sent = time.time()
+    os.kill(pid, signal.SIGHUP)
+    outcome = {}
+
+    def reloaded():
+        try:
+            status, body = api_request(config, "/status")
+        except (OSError, ValueError):
+            return False
+        last = body.get("last_reload") if status == 200 else None
+        outcome.update(last or {})
+        return bool(last) and last.get("at", 0) >= sent
+    if not _wait_for(reloaded, config.timeout):
+        print(f"notesd: pid {pid} did not confirm the reload within {config.timeout:g}s",
+              file=sys.stderr)
+        return 1
+    if not outcome.get("ok"):
+        print(f"notesd: reload failed: {outcome.get('message')}", file=sys.stderr)
+        return 6
+    restart = outcome.get("restart_needed")
+    print(f"notesd reloaded, pid {pid}" +
+          (f"; needs a restart for: {', '.join(restart)}" if restart else ""))
+    return 0
+
+
+def api_request(config, path, method="GET", body=None):
+    """(status, JSON body) of a request to the running daemon."""
+    url = urllib.parse.urlsplit(read_url(config) or f"http://{config.listen}/")
+    host = url.hostname
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    connection = http.client.HTTPConnection(host, url.port, timeout=config.timeout)
+    headers = {"Accept": JSON_TYPE}
+    if config.token:
+        headers["Authorization"] = "Bearer " + config.token
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def cmd_check(config, args):
+    """Nagios plugin API: one line 'NOTESD STATE - text | perfdata', exit 0-3."""
+    pid = lock_holder(config.pidfile)
+    if not pid:
+        print("NOTESD CRITICAL - notesd is not running")
+        return 2
+    try:
+        code, health = api_request(config, "/health")
+        if code != 200:
+            print(f"NOTESD CRITICAL - {health.get('message', f'/health answered {code}')}")
+            return 2
+        code, status = api_request(config, "/status")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        print(f"NOTESD CRITICAL - no answer from {read_url(config)}: {e}")
+        return 2
+    lag = health.get("loop_lag_ms", 0.0)
+    state = 2 if lag >= args.crit_lag else 1 if lag >= args.warn_lag else 0
+    name = ("OK", "WARNING", "CRITICAL")[state]
+    perf = (f"'lag'={lag}ms;{args.warn_lag:g};{args.crit_lag:g};0; "
+            f"'requests'={sum(status.get('requests', {}).values())}c "
+            f"'notes'={status.get('notes', 0)};;;0; 'rss'={status.get('rss_bytes', 0)}B;;;0;")
+    print(f"NOTESD {name} - pid {pid}, up {_duration(status.get('uptime', 0))}, "
+          f"main loop lag {lag:.1f} ms | {perf}")
+    return state
+
+
+def cmd_configtest(config, args):
+    if args.example:
+        print(example_config(), end="")
+        return 0
+    for key, value in config.public().items():
+        shown = ("yes" if value else "no") if isinstance(value, bool) else value
+        print(f"{key} = {shown}")
+    print(f"notesd: configuration {config.path or '(defaults)'} is valid", file=sys.stderr)
+    return 0
+
+
+#: The CLI's commands: name -> (function, one line of help).
+COMMANDS = {
+    "start": (cmd_start, "start the daemon; returns once it serves"),
+    "stop": (cmd_stop, "stop it (SIGTERM; --force adds SIGKILL after the timeout)"),
+    "restart": (cmd_restart, "stop, then start"),
+    "reload": (cmd_reload, "re-read the config file (SIGHUP) and confirm"),
+    "status": (cmd_status, "is it running? (LSB exit codes)"),
+    "run": (cmd_run, "run in the foreground (systemd, containers, debugging)"),
+    "check": (cmd_check, "health check for cron and monitoring (Nagios plugin format)"),
+    "configtest": (cmd_configtest, "validate the configuration and print it"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="notesd.py", description="notesd: a notes REST API daemon.",
+        epilog="Exit codes: 0 ok; 1 failed; 2 usage; 3 not running (status); "
+               "6 invalid configuration; 7 not running (reload).")
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND",
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+    parser.add_argument("-c", "--config", metavar="FILE", default=os.environ.get("NOTESD_CONFIG"),
+                        help="INI file with a [notesd] section (default: $NOTESD_CONFIG)")
+    parser.add_argument("-V", "--version", action="version", version=f"notesd {__version__}")
+    parser.add_argument("--force", action="store_true",
+                        help="stop: SIGKILL when SIGTERM did not work within the timeout")
+    parser.add_argument("--warn-lag", type=float, default=500.0, metavar="MS",
+                        help="check: WARNING at this main-loop lag (default 500)")
+    parser.add_argument("--crit-lag", type=float, default=2000.0, metavar="MS",
+                        help="check: CRITICAL at this main-loop lag (default 2000)")
+    parser.add_argument("--example", action="store_true",
+                        help="configtest: print an example config file with every key")
+    keys = parser.add_argument_group("configuration keys (win over the file)")
+    for key, option in DEFAULTS.items():
+        keys.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE",
+                          help=f"{option.help} (default: {option.default or 'see text'})")
+    return parser
+
+
+###############################################################################
+# main() ######################################################################
+###############################################################################
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    command, _ = COMMANDS[args.command]
+    try:
+        config = Config.load(args.config, {key: getattr(args, key) for key in DEFAULTS})
+        return command(config, args)
+    except ConfigError as e:
+        if args.command == "check":
+            print(f"NOTESD UNKNOWN - {e}")
+            return 3
+        print(f"notesd: {e}", file=sys.stderr)
+        return e.exit_code
+    except NotesdError as e:
+        print(f"notesd: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
