@@ -551,8 +551,11 @@ class MainLoop:
     #: commands that write: they run inside the batch's transaction.
     WRITES = frozenset({"create", "put", "delete"})
 
-    def __init__(self, config, commands, store, logs):
+    def __init__(self, config, commands, store, logs, systemd):
         self.config = config
+        self.systemd = systemd
+        # Tick faster when systemd's watchdog needs a WATCHDOG=1 more often.
+        self.period = min(TICK, systemd.watchdog or TICK)
         self.commands = commands
         self.store = store
         self.logs = logs
@@ -598,7 +601,7 @@ class MainLoop:
             self.heartbeat = now
             if now >= next_tick:
                 self.tick(now - next_tick)
-                next_tick = now + TICK
+                next_tick = now + self.period
 
     def drain(self, quiet=0.05, grace=5.0):
         """After the listener closed: finish what requests in flight queued,
@@ -630,6 +633,8 @@ class MainLoop:
             self.storage_ok = False
         self.lag, self._lag_window = max(self._lag_window, late), 0.0
         self._count_responses()
+        if self.systemd.watchdog:  # proof of life: only a turning main loop sends it
+            self.systemd.notify("WATCHDOG=1")
 
     def _batch(self, first):
         batch = [first]
@@ -749,17 +754,21 @@ class MainLoop:
 
     def on_stop(self):
         log.info("stopping (signal)")
+        self.systemd.notify("STOPPING=1")
         self.stopping = True
 
     def on_reload(self):
         """SIGHUP: re-read the file, apply what can change live, keep the old
         configuration whole if the new one is invalid."""
         self.reloads += 1
+        self.systemd.notify("RELOADING=1",
+                            f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             new = Config.load(self.config.path, self.config.overrides)
         except NotesdError as e:
             log.error("reload failed, keeping the old configuration: %s", e)
-            self.last_reload = {"ok": False, "message": str(e)}
+            self.last_reload = {"ok": False, "message": str(e), "at": time.time()}
+            self.systemd.notify("READY=1", f"STATUS=reload failed: {e}")
             return
         restart = sorted(set(self.config.changed(new)) - LIVE_KEYS)
         if restart:
@@ -767,8 +776,10 @@ class MainLoop:
             new = self.config.replace({k: _show(new, k) for k in self.config.changed(new)
                                        if k in LIVE_KEYS}, "reload")
         self.apply(new)
-        self.last_reload = {"ok": True, "message": "applied", "restart_needed": restart}
+        self.last_reload = {"ok": True, "message": "applied", "restart_needed": restart,
+                            "at": time.time()}
         log.info("reloaded configuration from %s", self.config.path or "defaults")
+        self.systemd.notify("READY=1", "STATUS=configuration reloaded")
 
     def on_reopen_logs(self):
         self.logs.reopen()
@@ -1605,6 +1616,40 @@ def _wait_for(predicate, timeout):
     return True
 
 
+class SystemdNotifier:
+    """The sd_notify(3) protocol: newline-separated KEY=VALUE datagrams to the
+    AF_UNIX socket named by $NOTIFY_SOCKET ('@' starts an abstract address).
+
+    Connected once, at start-up, so that it keeps working after chroot. Sends
+    nothing when systemd is not listening. `watchdog` is how often the main
+    loop must send WATCHDOG=1: half of $WATCHDOG_USEC (sd_watchdog_enabled(3)).
+    """
+
+    def __init__(self, environ=os.environ):
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        self.socket = None
+        if address:
+            try:
+                self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.socket.connect(address)
+            except OSError as e:
+                log.warning("cannot reach NOTIFY_SOCKET %s: %s", address, e)
+                self.socket = None
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        self.watchdog = None
+        if usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+
+    def notify(self, *fields):
+        if self.socket:
+            try:
+                self.socket.send(("\n".join(fields) + "\n").encode())
+            except OSError as e:
+                log.debug("sd_notify failed: %s", e)
+
+
 ###############################################################################
 # Daemonizer ##################################################################
 ###############################################################################
@@ -1708,12 +1753,13 @@ def _stdio_to_devnull():
 
 
 class Readiness:
-    """Tells the process waiting in `start` that we serve, or why we cannot.
-    One line on the readiness pipe: READY|RUNNING|ERROR text. Without a pipe
-    (`run`), it does nothing."""
+    """Tells whoever waits that we serve, or why we cannot: the process waiting
+    in `start` (one line on the readiness pipe: READY|RUNNING|ERROR text), and
+    systemd when it supervises us (sd_notify). Either may be absent."""
 
     def __init__(self, fd=None):
         self.fd = fd
+        self.systemd = SystemdNotifier()
 
     def _send(self, kind, text):
         if self.fd is not None:
@@ -1726,12 +1772,14 @@ class Readiness:
 
     def ready(self, text):
         self._send("READY", text)
+        self.systemd.notify("READY=1", f"STATUS={text}", f"MAINPID={os.getpid()}")
 
     def running(self, text):
         self._send("RUNNING", text)
 
     def failed(self, text):
         self._send("ERROR", text)
+        self.systemd.notify(f"STATUS=failed: {text}")
 
 
 def _await_ready(reader, config):
@@ -1785,7 +1833,7 @@ def serve(config, readiness, foreground):
         _remove(url_file(config))
         pidfile.remove()
         return 1
-    loop = MainLoop(config, commands, store, logs)
+    loop = MainLoop(config, commands, store, logs, readiness.systemd)
     server.loop, loop.server = loop, server
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL,),
                      name="http", daemon=True).start()
