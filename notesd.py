@@ -1149,6 +1149,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             log.info('%s "%s" %d %d', self.client_address[0],
                      getattr(self, "requestline", ""), status, len(body))
 
+    def handle_expect_100(self):
+        # RFC 9110 10.1.1: refuse an oversized body before the client sends it,
+        # rather than invite it with 100 Continue.
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.config.max_body:
+            self.close_connection = True
+            self.respond(413, {"message": f"the body is {length} bytes; the limit is "
+                                          f"{self.server.config.max_body}"})
+            return False
+        return super().handle_expect_100()
+
     def send_error(self, code, message=None, explain=None):
         """The server's own errors (bad request line 400, 414, 431, 501) as JSON."""
         self.close_connection = True
@@ -1382,6 +1393,12 @@ LIST_PARAMETERS = [
 ]
 
 
+def _slug(template):
+    """A name for operationIds: '/' -> notes, '/{id}/' -> note, '/{id}' -> note_bare."""
+    name = template.strip("/").replace("{id}", "note").replace(".", "_") or "notes"
+    return name + ("_bare" if "{" in template and not template.endswith("/") else "")
+
+
 def _operation(template, method, op):
     """One OpenAPI operation object, read off an Op of the route table."""
     def content(schema):
@@ -1393,7 +1410,7 @@ def _operation(template, method, op):
         if code != 204 and schema and method != "HEAD":
             response["content"] = content(schema)
         responses[str(code)] = response
-    operation = {"summary": op.summary, "operationId": f"{op.handler}_{method.lower()}",
+    operation = {"summary": op.summary, "operationId": f"{method.lower()}_{_slug(template)}",
                  "responses": responses}
     if "{id}" in template:
         operation["parameters"] = [{"name": "id", "in": "path", "required": True,
@@ -1415,8 +1432,8 @@ def openapi_document():
     for template, _, methods in ROUTES:
         item = {m.lower(): _operation(template, m, op) for m, op in methods.items()}
         item["head"] = _operation(template, "HEAD", methods["GET"])
-        item["options"] = {"summary": "Allowed methods", "operationId":
-                           f"{methods['GET'].handler}_options",
+        item["options"] = {"summary": "Allowed methods",
+                           "operationId": f"options_{_slug(template)}",
                            "responses": {"204": {"description": "No Content"}}}
         paths[template] = item
     return {
