@@ -1,0 +1,1589 @@
+"""Tests for notesd.py: real processes, real sockets, real files.
+
+Every test starts the daemon with the real CLI (``python notesd.py ... start``)
+in its own temporary directory, on a port the daemon picks itself (listen
+127.0.0.1:0; the real URL is read from the ``.url`` file beside the pid file).
+Fixtures always stop the daemons they started and SIGKILL whatever is left, so
+no test leaks a process. Nothing waits with a bare sleep: ``wait_until`` polls a
+predicate against a deadline and fails with the daemon's log.
+
+Sections follow the contract: process lifecycle, config & CLI, HTTP API,
+errors, concurrency & durability, security.
+
+Needs only pytest and the standard library; runs on CPython 3.9-3.13, as root
+for the privilege, chroot and network-namespace tests (skipped otherwise).
+"""
+
+import ast
+import http.client
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+NOTESD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notesd.py")
+
+#: seconds any CLI invocation may take before the test gives up on it
+CLI_TIMEOUT = 30
+#: seconds any single HTTP exchange may take
+HTTP_TIMEOUT = 10
+#: seconds between two polls in wait_until: small, it is not a wait by itself
+POLL_STEP = 0.02
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+START_LINE = re.compile(r"^notesd (\S+) running, pid (\d+), (http://\S+/)$", re.M)
+STATUS_LINE = re.compile(r"^notesd running, pid (\d+), (http://\S+/), uptime \d+s$", re.M)
+
+IS_ROOT = os.geteuid() == 0
+
+
+###############################################################################
+# Helpers: processes, waiting, HTTP ###########################################
+###############################################################################
+
+
+def wait_until(predicate, timeout=5.0, daemon=None, what=""):
+    """Poll predicate() until it is truthy; fail with the daemon's log after timeout.
+
+    Exceptions from the predicate (connection refused while the daemon comes
+    up, a file not there yet) count as "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            log = daemon.log() if daemon is not None else ""
+            raise AssertionError(
+                "timed out after %ss waiting for %s (last: %r)\n--- daemon log ---\n%s"
+                % (timeout, what or predicate, last, log[-4000:]))
+        time.sleep(POLL_STEP)
+
+
+def proc_stat(pid):
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    with open("/proc/%d/stat" % pid) as f:
+        data = f.read()
+    return data[data.rindex(")") + 2:].split()
+
+
+def alive(pid):
+    """True if pid names a process that is neither gone nor a zombie."""
+    try:
+        return proc_stat(pid)[0] not in ("Z", "X")
+    except (OSError, ValueError):
+        return False
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def proc_status(pid):
+    """/proc/PID/status as a dict of name -> raw value."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            out[name] = value.strip()
+    return out
+
+
+def notesd_processes(marker):
+    """Live processes running notesd.py whose command line mentions marker."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        cmd = cmdline(pid)
+        if "notesd" in cmd and marker in cmd and alive(pid):
+            found.append(pid)
+    return sorted(found)
+
+
+def dead_pid():
+    """A pid that certainly named a process a moment ago and names none now."""
+    p = subprocess.Popen(["true"])
+    p.wait(timeout=CLI_TIMEOUT)
+    return p.pid
+
+
+class Reply:
+    """An HTTP response read whole: status, headers, body bytes."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        return "<Reply %s %r %r>" % (self.status, dict(self.headers), self.body[:500])
+
+
+def request(base, method, path, body=None, headers=None, timeout=HTTP_TIMEOUT):
+    """One HTTP exchange with the server at base URL; body may be bytes or JSON-able.
+
+    path may also be an absolute URL (a Location or Link header).
+    """
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    if isinstance(body, str):
+        body = body.encode()
+    if "://" in path:
+        parts = urllib.parse.urlsplit(path)
+        path = parts.path + ("?" + parts.query if parts.query else "")
+    u = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return Reply(r.status, r.headers, r.read())
+    finally:
+        conn.close()
+
+
+def raw_exchange(port, data, timeout=5.0, host="127.0.0.1"):
+    """Send raw bytes, read until the server closes (or timeout); return (status, headers, body).
+
+    headers is a dict with lower-case names. Used where http.client would
+    refuse to send the request or would hide what came back.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # the server may answer and close before reading it all (414, 413)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    assert sep, "no complete HTTP response head in %r" % reply[:500]
+    lines = head.decode("iso-8859-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        hdrs[name.strip().lower()] = value.strip()
+    return status, hdrs, body
+
+
+###############################################################################
+# The Daemon fixture ##########################################################
+###############################################################################
+
+
+class Daemon:
+    """One notesd instance in a directory: builds argv, drives the CLI, talks HTTP.
+
+    Methods for tests: cli(), start(), stop(), pid(), log(), get()/post()/...,
+    cleanup() (the fixtures call it; it never fails).
+    """
+
+    def __init__(self, directory, *extra, config=None, env=None):
+        self.dir = str(directory)
+        os.makedirs(self.dir, exist_ok=True)
+        self.pidfile = os.path.join(self.dir, "notesd.pid")
+        self.urlfile = os.path.join(self.dir, "notesd.url")
+        self.logfile = os.path.join(self.dir, "notesd.log")
+        self.database = os.path.join(self.dir, "notes.db")
+        self.args = []
+        if config is not None:
+            self.args += ["-c", str(config)]
+        self.args += ["--state-dir", self.dir, "--listen", "127.0.0.1:0",
+                      "--pidfile", self.pidfile, "--log", self.logfile]
+        self.args += [str(a) for a in extra]
+        self.env = env
+        self.url = None
+        self.seen_pids = set()
+
+    # CLI -------------------------------------------------------------------
+
+    def argv(self, *command):
+        return [sys.executable, NOTESD] + self.args + [str(c) for c in command]
+
+    def cli(self, *command, timeout=CLI_TIMEOUT, env=None, **popen_kw):
+        return subprocess.run(self.argv(*command), capture_output=True, text=True,
+                              timeout=timeout, env=env or self.env, **popen_kw)
+
+    def start(self, **popen_kw):
+        r = self.cli("start", **popen_kw)
+        assert r.returncode == 0, "start failed: rc=%s\nstdout=%s\nstderr=%s\nlog=%s" % (
+            r.returncode, r.stdout, r.stderr, self.log())
+        self.after_start()
+        return r
+
+    def after_start(self):
+        """Read the URL and pid the daemon published; remember the pid for cleanup."""
+        with open(self.urlfile) as f:
+            self.url = f.read().strip()
+        self.seen_pids.add(self.pid())
+
+    def stop(self, *extra):
+        r = self.cli("stop", *extra)
+        assert r.returncode == 0, "stop failed: rc=%s\n%s%s\nlog=%s" % (
+            r.returncode, r.stdout, r.stderr, self.log())
+        return r
+
+    def pid(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def log(self):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return "(no log file %s)" % self.logfile
+
+    def processes(self):
+        return notesd_processes(self.pidfile)
+
+    # HTTP ------------------------------------------------------------------
+
+    @property
+    def port(self):
+        return urllib.parse.urlsplit(self.url).port
+
+    def request(self, method, path, body=None, headers=None, timeout=HTTP_TIMEOUT):
+        return request(self.url, method, path, body, headers, timeout)
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, text, path="/", **kw):
+        return self.request("POST", path, {"text": text}, **kw)
+
+    def note(self, text):
+        """POST a note and return it (asserting 201)."""
+        r = self.post(text)
+        assert r.status == 201, r
+        return r.json()
+
+    def assert_serving(self):
+        """The daemon still answers and has logged no traceback."""
+        r = self.get("/health")
+        assert r.status == 200, r
+        assert "Traceback" not in self.log()
+
+    # teardown --------------------------------------------------------------
+
+    def cleanup(self):
+        """Stop the daemon with the CLI; SIGKILL any notesd process of ours left."""
+        try:
+            self.cli("stop", "--timeout", "5", timeout=20)
+        except (subprocess.SubprocessError, OSError):
+            pass
+        pids = set(self.processes())
+        pid = self.pid()
+        if pid is not None:
+            pids.add(pid)
+        pids |= self.seen_pids
+        for pid in pids:
+            # never signal a process that is not a notesd (a test may put an
+            # unrelated pid into the pid file)
+            if pid and alive(pid) and "notesd" in cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Factory: make_daemon(*extra_args, start=True, config=None, directory=None)."""
+    made = []
+
+    def make(*extra, start=True, config=None, directory=None, env=None, **popen_kw):
+        d = Daemon(directory or tmp_path / ("d%d" % len(made)), *extra, config=config, env=env)
+        made.append(d)
+        if start:
+            d.start(**popen_kw)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return make_daemon()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the many API tests that need no fresh one."""
+    d = Daemon(tmp_path_factory.mktemp("shared"))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_daemons(tmp_path_factory):
+    """Safety net: at the end, kill (and report) any notesd started under our temp dirs."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    leaked = notesd_processes(base) + notesd_processes("notesd-test-")
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not leaked, "leaked notesd processes: %r" % leaked
+
+
+@pytest.fixture
+def open_tmp():
+    """A temp dir outside pytest's 0700 tree, so an unprivileged daemon can reach it."""
+    d = tempfile.mkdtemp(prefix="notesd-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def unique(prefix="t"):
+    """A marker no other test's notes contain (for ?q= filters on the shared daemon)."""
+    return "%s-%s-%d" % (prefix, os.urandom(4).hex(), time.monotonic_ns())
+
+
+###############################################################################
+# Process lifecycle ###########################################################
+###############################################################################
+
+
+@pytest.fixture(scope="module")
+def detached(tmp_path_factory):
+    """A daemon started by a starter with an odd PATH and an extra inherited fd.
+
+    Yields (daemon, pid, starter_pid, passed_path).
+    """
+    d = Daemon(tmp_path_factory.mktemp("detached"))
+    passed_path = os.path.join(d.dir, "passed-down.txt")
+    fd = os.open(passed_path, os.O_RDWR | os.O_CREAT, 0o600)
+    env = dict(os.environ, PATH="/some/odd/dir:/usr/bin:/bin")
+    try:
+        starter = subprocess.Popen(d.argv("start"), env=env, pass_fds=(fd,),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = starter.communicate(timeout=CLI_TIMEOUT)
+        assert starter.returncode == 0, (out, err, d.log())
+        d.after_start()
+        d.start_output = out
+        yield d, d.pid(), starter.pid, passed_path
+    finally:
+        os.close(fd)
+        d.cleanup()
+
+
+def test_start_prints_version_pid_and_url(detached):
+    d, pid, _, _ = detached
+    m = START_LINE.search(d.start_output)
+    assert m, d.start_output
+    assert int(m.group(2)) == pid
+    assert m.group(3) == d.url
+    assert re.match(r"^http://127\.0\.0\.1:\d+/$", d.url)
+    assert d.port != 0
+
+
+def test_start_returns_only_when_http_answers(daemon):
+    # no waiting at all: start has returned, so the daemon must answer now
+    r = daemon.get("/health", timeout=5)
+    assert r.status == 200, r
+
+
+def test_pid_file_holds_pid_and_posix_lock(detached):
+    d, pid, _, _ = detached
+    with open(d.pidfile) as f:
+        assert f.read() == "%d\n" % pid
+    inode = os.stat(d.pidfile).st_ino
+    with open("/proc/locks") as f:
+        locks = f.read().splitlines()
+    ours = [line for line in locks
+            if line.split()[1:2] == ["POSIX"] and "WRITE" in line.split()
+            and str(pid) in line.split() and line.split()[5].split(":")[-1] == str(inode)]
+    assert ours, "no POSIX WRITE lock by pid %d on inode %d in:\n%s" % (pid, inode, "\n".join(locks))
+
+
+def test_url_file_beside_pid_file(detached):
+    d, _, _, _ = detached
+    with open(d.urlfile) as f:
+        content = f.read()
+    assert re.match(r"^http://127\.0\.0\.1:\d+/\n$", content), content
+
+
+def test_daemon_is_detached_from_starter(detached):
+    _, pid, starter_pid, _ = detached
+    ppid = int(proc_stat(pid)[1])
+    assert ppid not in (starter_pid, os.getpid()), ppid
+
+
+def test_daemon_session_and_process_group(detached):
+    _, pid, _, _ = detached
+    fields = proc_stat(pid)
+    pgrp, sid = int(fields[2]), int(fields[3])
+    assert sid != pid, "daemon is a session leader (could reacquire a terminal)"
+    assert pgrp == sid
+
+
+def test_std_fds_are_dev_null(detached):
+    _, pid, _, _ = detached
+    for fd in (0, 1, 2):
+        assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+
+
+def test_inherited_fd_is_closed(detached):
+    _, pid, _, passed_path = detached
+    targets = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+    assert passed_path not in targets, targets
+
+
+def test_cwd_is_root(detached):
+    _, pid, _, _ = detached
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"
+
+
+def test_default_umask(detached):
+    _, pid, _, _ = detached
+    assert proc_status(pid)["Umask"] == "0027"
+
+
+def test_configured_umask(make_daemon):
+    d = make_daemon("--umask", "077")
+    assert proc_status(d.pid())["Umask"] == "0077"
+
+
+def test_environment_path_is_fixed(detached):
+    _, pid, _, _ = detached
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    assert b"PATH" in env, env
+    assert b"/some/odd/dir" not in env[b"PATH"], env[b"PATH"]
+
+
+def test_core_dumps_disabled(detached):
+    _, pid, _, _ = detached
+    with open("/proc/%d/limits" % pid) as f:
+        line = [l for l in f if l.startswith("Max core file size")][0]
+    soft = line[len("Max core file size"):].split()[0]
+    assert soft == "0", line
+
+
+def test_second_start_leaves_one_daemon(daemon):
+    pid = daemon.pid()
+    r = daemon.cli("start")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert daemon.pid() == pid
+    wait_until(lambda: daemon.processes() == [pid], 5, daemon, "exactly one daemon")
+
+
+def test_concurrent_starts_leave_one_daemon(make_daemon):
+    d = make_daemon(start=False)
+    starters = [subprocess.Popen(d.argv("start"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.communicate(timeout=CLI_TIMEOUT), p.returncode) for p in starters]
+    for (out, err), rc in results:
+        assert rc == 0, (out, err, d.log())
+    d.after_start()
+    pid = d.pid()
+    wait_until(lambda: d.processes() == [pid], 5, d, "exactly one daemon")
+    for (out, _), _ in results:
+        m = START_LINE.search(out)
+        assert m and int(m.group(2)) == pid, out
+    assert d.get("/health").status == 200
+
+
+def test_stale_pid_file_of_dead_process_is_taken_over(make_daemon):
+    d = make_daemon(start=False)
+    stale = dead_pid()
+    with open(d.pidfile, "w") as f:
+        f.write("%d\n" % stale)
+    d.start()
+    assert d.pid() != stale
+    assert alive(d.pid())
+
+
+def test_pid_file_naming_unrelated_process_is_not_signalled(make_daemon):
+    d = make_daemon(start=False)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(d.pidfile, "w") as f:
+            f.write("%d\n" % sleeper.pid)
+        d.start()
+        assert d.pid() != sleeper.pid
+        assert d.get("/health").status == 200
+        d.stop()
+        assert sleeper.poll() is None, "the unrelated process was signalled"
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=CLI_TIMEOUT)
+
+
+def test_start_with_port_taken_fails_with_reason(make_daemon):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        d = make_daemon("--listen", "127.0.0.1:%d" % port, start=False)
+        r = d.cli("start")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "in use" in r.stderr.lower(), r.stderr
+        assert d.processes() == []
+
+
+def test_start_with_invalid_config_forks_nothing(make_daemon):
+    d = make_daemon("--umask", "999", start=False)
+    r = d.cli("start")
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "umask" in r.stderr
+    assert d.processes() == []
+    assert not os.path.exists(d.pidfile)
+
+
+def test_stop_removes_pid_and_url_files(daemon):
+    pid = daemon.pid()
+    daemon.stop()
+    assert not alive(pid)
+    assert not os.path.exists(daemon.pidfile)
+    assert not os.path.exists(daemon.urlfile)
+
+
+def test_stop_when_not_running_succeeds(make_daemon):
+    d = make_daemon(start=False)
+    r = d.cli("stop")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_stop_timeout_and_force(daemon):
+    pid = daemon.pid()
+    os.kill(pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
+    r = daemon.cli("stop", "--timeout", "1")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert alive(pid)
+    r = daemon.cli("stop", "--timeout", "1", "--force")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    wait_until(lambda: not alive(pid), 5, daemon, "daemon killed")
+
+
+def test_restart_gives_new_daemon(daemon):
+    old = daemon.pid()
+    r = daemon.cli("restart")
+    assert r.returncode == 0, (r.stdout, r.stderr, daemon.log())
+    daemon.after_start()
+    assert daemon.pid() != old
+    assert not alive(old)
+    assert daemon.get("/health").status == 200
+
+
+def test_status_running(daemon):
+    r = daemon.cli("status")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    m = STATUS_LINE.search(r.stdout)
+    assert m, r.stdout
+    assert int(m.group(1)) == daemon.pid()
+    assert m.group(2) == daemon.url
+
+
+def test_status_not_running(make_daemon):
+    d = make_daemon(start=False)
+    r = d.cli("status")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+
+
+def test_status_after_stop(daemon):
+    daemon.stop()
+    assert daemon.cli("status").returncode == 3
+
+
+def test_status_dead_with_pid_file(make_daemon):
+    d = make_daemon(start=False)
+    with open(d.pidfile, "w") as f:
+        f.write("%d\n" % dead_pid())
+    r = d.cli("status")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+
+
+def _config(tmp_path, text, name="notesd.conf"):
+    path = tmp_path / name
+    path.write_text("[notesd]\n" + text)
+    return path
+
+
+def test_reload_applies_valid_file(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = info\n")
+    d = make_daemon(config=conf)
+    pid = d.pid()
+    assert d.get("/config").json()["log_level"] == "info"
+    conf.write_text("[notesd]\nlog_level = debug\n")
+    r = d.cli("reload")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    assert d.get("/config").json()["log_level"] == "debug"
+    assert d.pid() == pid
+
+
+def test_reload_invalid_file_keeps_old_config(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = warning\n")
+    d = make_daemon(config=conf)
+    pid = d.pid()
+    conf.write_text("[notesd]\nlog_level = loud\n")
+    r = d.cli("reload")
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "log_level" in r.stderr
+    assert alive(pid)
+    reply = d.get("/config")
+    assert reply.status == 200
+    assert reply.json()["log_level"] == "warning"
+
+
+def test_reload_not_running(make_daemon):
+    d = make_daemon(start=False)
+    assert d.cli("reload").returncode == 7
+
+
+@pytest.mark.parametrize("how", ["blocked", "ignored"])
+def test_stop_works_when_starter_blocked_sigterm(make_daemon, how):
+    def block():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def ignore():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    d = make_daemon(preexec_fn=block if how == "blocked" else ignore)
+    pid = d.pid()
+    r = d.cli("stop", "--timeout", "5")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    assert not alive(pid)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_user_drops_privileges(make_daemon, open_tmp):
+    nobody = pwd.getpwnam("nobody")
+    os.chown(open_tmp, nobody.pw_uid, nobody.pw_gid)
+    d = make_daemon("--user", "nobody", directory=open_tmp)
+    st = proc_status(d.pid())
+    assert set(st["Uid"].split()) == {str(nobody.pw_uid)}, st["Uid"]
+    assert set(st["Gid"].split()) == {str(nobody.pw_gid)}, st["Gid"]
+    assert set(st["Groups"].split()) <= {str(nobody.pw_gid)}, st["Groups"]
+    assert d.post("as nobody").status == 201
+    d.stop()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_chroot(make_daemon, open_tmp):
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--chroot", open_tmp, directory=state)
+    pid = d.pid()
+    assert os.readlink("/proc/%d/root" % pid) == open_tmp
+    r = d.post("in a chroot")
+    assert r.status == 201, (r, d.log())
+    assert d.get(r.json()["url"]).json()["text"] == "in a chroot"
+    d.stop()
+    assert not alive(pid)
+
+
+def test_syslog(make_daemon, tmp_path):
+    path = str(tmp_path / "log.sock")
+    received = []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    done = threading.Event()
+
+    def reader():  # keep draining, or a full queue would block the daemon's logging
+        while not done.is_set():
+            try:
+                received.append(sock.recv(65536))
+            except socket.timeout:
+                pass
+            except OSError:
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        d = make_daemon("--log", "syslog", "--syslog-address", path, "--log-level", "debug")
+        d.post("for syslog")
+        wait_until(lambda: any(m.startswith(b"<") and b"notesd" in m for m in received),
+                   5, d, "a syslog datagram")
+        d.stop()
+    finally:
+        done.set()
+        t.join(timeout=5)
+        sock.close()
+
+
+def test_run_in_foreground_stops_on_sigterm(tmp_path):
+    d = Daemon(tmp_path / "fg")
+    with open(tmp_path / "fg.out", "w") as out, open(tmp_path / "fg.err", "w") as err:
+        proc = subprocess.Popen(d.argv("run"), stdout=out, stderr=err)
+    try:
+        wait_until(lambda: os.path.exists(d.urlfile) and d.pid() == proc.pid, 10, d,
+                   "foreground daemon's url and pid files")
+        d.after_start()
+        assert d.get("/health").status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not os.path.exists(d.pidfile)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=CLI_TIMEOUT)
+        d.cleanup()
+
+
+###############################################################################
+# Config & CLI ################################################################
+###############################################################################
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names is 3.10+")
+def test_imports_only_stdlib():
+    with open(NOTESD) as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
+def test_version_and_help(tmp_path):
+    d = Daemon(tmp_path)
+    r = d.cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"\d+\.\d+", r.stdout + r.stderr)
+    r = d.cli("-h")
+    assert r.returncode == 0, r.stderr
+    for command in ("start", "stop", "status", "reload", "check", "configtest"):
+        assert command in r.stdout
+
+
+def test_usage_error(tmp_path):
+    r = Daemon(tmp_path).cli("frobnicate")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+
+
+def test_configtest_valid_prints_effective_values(tmp_path):
+    r = Daemon(tmp_path, "--umask", "077").cli("configtest")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "listen" in r.stdout and "127.0.0.1:0" in r.stdout
+    assert "umask" in r.stdout and "077" in r.stdout
+
+
+@pytest.mark.parametrize("key,value", [("umask", "999"), ("listen", "nonsense"),
+                                       ("log_level", "loud"), ("max_body", "lots")])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_configtest_bad_value(tmp_path, key, value, where):
+    option = ["--" + key.replace("_", "-"), value]
+    d = Daemon(tmp_path)
+    if where == "before":
+        d.args += option
+        r = d.cli("configtest")
+    else:
+        r = d.cli("configtest", *option)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert key in r.stderr and value in r.stderr, r.stderr
+
+
+def test_config_file_bad_value_names_file_key_value(tmp_path):
+    conf = _config(tmp_path, "max_body = lots\n")
+    r = Daemon(tmp_path, config=conf).cli("configtest")
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    for part in (str(conf), "max_body", "lots"):
+        assert part in r.stderr, r.stderr
+
+
+def test_config_file_unknown_key(tmp_path):
+    conf = _config(tmp_path, "colour = blue\n")
+    r = Daemon(tmp_path, config=conf).cli("configtest")
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "colour" in r.stderr
+
+
+def test_config_from_environment(tmp_path):
+    conf = _config(tmp_path, "umask = 999\n")
+    env = dict(os.environ, NOTESD_CONFIG=str(conf))
+    r = Daemon(tmp_path).cli("configtest", env=env)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "umask" in r.stderr and str(conf) in r.stderr
+    conf.write_text("[notesd]\numask = 077\n")
+    r = Daemon(tmp_path).cli("configtest", env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "077" in r.stdout
+
+
+def test_command_line_wins_over_file(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = error\n")
+    d = make_daemon("--log-level", "warning", config=conf)
+    assert d.get("/config").json()["log_level"] == "warning"
+
+
+def test_check_ok_while_running(daemon):
+    r = daemon.cli("check")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.startswith("NOTESD OK - "), r.stdout
+
+
+def test_check_critical_when_not_running(make_daemon):
+    d = make_daemon(start=False)
+    r = d.cli("check")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout.startswith("NOTESD CRITICAL - "), r.stdout
+
+
+def test_check_unknown_with_bad_config(tmp_path):
+    r = Daemon(tmp_path, "--umask", "999").cli("check")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stdout.startswith("NOTESD UNKNOWN - "), r.stdout
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+
+def _ids(notes):
+    return [n["id"] for n in notes]
+
+
+def test_post_json_creates_note(shared):
+    before = time.time()
+    r = shared.post("hello, notes")
+    assert r.status == 201, r
+    note = r.json()
+    assert isinstance(note["id"], int)
+    assert note["text"] == "hello, notes"
+    assert note["url"] == "%s%d/" % (shared.url, note["id"])
+    assert r.header("Location") == note["url"]
+    for key in ("created", "updated"):
+        assert RFC3339_UTC.match(note[key]), note[key]
+    assert note["created"][:4] == time.strftime("%Y", time.gmtime(before))
+
+
+def test_post_unicode_round_trips(shared):
+    text = "h\u00e9llo \u2713 \U0001f600 \"quoted\" \\ back"
+    note = shared.note(text)
+    assert shared.get("/%d/" % note["id"]).json()["text"] == text
+
+
+def test_post_form_urlencoded(shared):
+    r = shared.request("POST", "/", body=urllib.parse.urlencode({"text": "from a form & more"}),
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 201, r
+    assert r.json()["text"] == "from a form & more"
+
+
+def _curl(*args):
+    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}"] + list(args),
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("flag", ["-d", "-F"])
+def test_post_with_curl(shared, flag):
+    text = unique("curl")
+    code, body = _curl(flag, "text=" + text, shared.url)
+    assert code == 201, body
+    note = json.loads(body)
+    assert note["text"] == text
+    assert shared.get("/%d/" % note["id"]).json()["text"] == text
+
+
+def test_list_oldest_first_and_filter(shared):
+    marker = unique("list")
+    made = [shared.note("%s %d" % (marker, i)) for i in range(3)]
+    r = shared.get("/?q=" + urllib.parse.quote(marker))
+    assert r.status == 200, r
+    assert r.header("Content-Type").startswith("application/json")
+    notes = r.json()
+    assert _ids(notes) == _ids(made)
+    assert [n["text"] for n in notes] == [n["text"] for n in made]
+    everything = shared.get("/?limit=1000").json()
+    ids = _ids(everything)
+    assert ids == sorted(ids)
+    assert set(_ids(made)) <= set(ids)
+
+
+def test_list_pagination_with_link(shared):
+    marker = unique("page")
+    made = [shared.note("%s %d" % (marker, i)) for i in range(5)]
+    path = "/?limit=2&q=" + urllib.parse.quote(marker)
+    pages = []
+    while path is not None:
+        r = shared.get(path)
+        assert r.status == 200, r
+        pages.append(_ids(r.json()))
+        link = r.header("Link")
+        path = None
+        if link:
+            m = re.match(r'^<([^>]+)>;\s*rel="next"$', link)
+            assert m, link
+            path = urllib.parse.urljoin(shared.url, m.group(1))
+        assert len(pages) <= 5, pages
+    assert pages == [_ids(made[0:2]), _ids(made[2:4]), _ids(made[4:5])]
+
+
+def test_list_after(shared):
+    marker = unique("after")
+    made = [shared.note("%s %d" % (marker, i)) for i in range(4)]
+    r = shared.get("/?after=%d&q=%s" % (made[1]["id"], marker))
+    assert r.status == 200, r
+    assert _ids(r.json()) == _ids(made[2:])
+
+
+def test_list_limit(shared):
+    for _ in range(3):
+        shared.note(unique("limit"))
+    assert len(shared.get("/?limit=1").json()) == 1
+    r = shared.get("/?limit=2")
+    assert len(r.json()) == 2
+    assert 'rel="next"' in r.header("Link", "")
+
+
+def test_get_note_with_and_without_slash(shared):
+    note = shared.note("fetch me")
+    for path in ("/%d/" % note["id"], "/%d" % note["id"]):
+        r = shared.get(path)
+        assert r.status == 200, r
+        assert r.json() == note
+        assert r.header("ETag")
+
+
+@pytest.mark.parametrize("path", ["/987654321/", "/987654321", "/99999999999999999999999/"])
+def test_get_missing_note_is_404(shared, path):
+    r = shared.get(path)
+    assert r.status == 404, r
+    assert r.header("Content-Type").startswith("application/json")
+    assert isinstance(r.json()["message"], str)
+
+
+def test_put_replaces_note(shared):
+    note = shared.note("before")
+    r = shared.request("PUT", "/%d/" % note["id"], {"text": "after"})
+    assert r.status == 200, r
+    new = r.json()
+    assert new["id"] == note["id"] and new["text"] == "after"
+    assert new["created"] == note["created"]
+    assert new["updated"] >= note["updated"]
+    assert shared.get("/%d/" % note["id"]).json()["text"] == "after"
+
+
+def test_put_creates_note_at_id(shared):
+    nid = 500000000 + int.from_bytes(os.urandom(3), "big")
+    r = shared.request("PUT", "/%d/" % nid, {"text": "made by PUT"})
+    assert r.status == 201, r
+    assert r.json()["id"] == nid
+    got = shared.get("/%d/" % nid)
+    assert got.status == 200 and got.json()["text"] == "made by PUT"
+
+
+def test_delete_is_idempotent(shared):
+    note = shared.note("delete me")
+    path = "/%d/" % note["id"]
+    r = shared.request("DELETE", path)
+    assert r.status == 204 and r.body == b"", r
+    assert shared.get(path).status == 404
+    assert shared.request("DELETE", path).status == 204
+
+
+def test_if_match(daemon):
+    shared = daemon  # a fresh daemon: a failed precondition must not break others' writes
+    note = shared.note("guarded")
+    path = "/%d/" % note["id"]
+    etag = shared.get(path).header("ETag")
+    r = shared.request("PUT", path, {"text": "nope"}, headers={"If-Match": '"not-the-etag"'})
+    assert r.status == 412, r
+    assert r.header("Content-Type").startswith("application/json")
+    assert shared.get(path).json()["text"] == "guarded"
+    r = shared.request("PUT", path, {"text": "changed"}, headers={"If-Match": etag})
+    assert r.status == 200, r
+    new_etag = shared.get(path).header("ETag")
+    assert new_etag != etag
+    assert shared.request("DELETE", path, headers={"If-Match": etag}).status == 412
+    assert shared.get(path).status == 200
+    assert shared.request("DELETE", path, headers={"If-Match": new_etag}).status == 204
+    assert shared.get(path).status == 404
+
+
+def _raw_get(d, method, path, headers=""):
+    data = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%sConnection: close\r\n\r\n"
+            % (method, path, headers)).encode()
+    return raw_exchange(d.port, data, timeout=3)
+
+
+def test_head_like_get_without_body(shared):
+    note = shared.note("head")
+    for path in ("/", "/%d/" % note["id"], "/%d" % note["id"], "/health", "/status",
+                 "/config", "/openapi.json"):
+        gs, gh, gbody = _raw_get(shared, "GET", path)
+        hs, hh, hbody = _raw_get(shared, "HEAD", path)
+        assert gs == hs == 200, (path, gs, hs)
+        assert hbody == b"", (path, hbody[:200])
+        assert hh.get("content-type") == gh.get("content-type"), path
+        if path not in ("/health", "/status"):  # those change between two requests
+            assert hh.get("content-length") == gh.get("content-length"), path
+            assert hh.get("etag") == gh.get("etag"), path
+
+
+def test_health(shared):
+    r = shared.get("/health")
+    assert r.status == 200, r
+    assert r.json()["status"] == "ok"
+
+
+def test_health_503_while_main_loop_is_stuck(daemon):
+    wait_until(lambda: os.path.exists(daemon.database), 5, daemon, "the database file")
+    blocker = sqlite3.connect(daemon.database, timeout=5, isolation_level=None)
+    result = {}
+
+    def post():
+        try:
+            result["reply"] = daemon.post("while stuck", timeout=60)
+        except Exception as exc:  # reported by the assertion below
+            result["reply"] = exc
+
+    writer = threading.Thread(target=post)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        writer.start()
+        r = wait_until(lambda: (lambda r: r if r.status == 503 else None)(
+            daemon.get("/health", timeout=3)), 10, daemon, "/health to say 503")
+        assert isinstance(r.json()["message"], str) and r.json()["message"]
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        if writer.ident is not None:
+            writer.join(timeout=60)
+    reply = result["reply"]
+    assert isinstance(reply, Reply) and reply.status == 201, (reply, daemon.log()[-3000:])
+    wait_until(lambda: daemon.get("/health", timeout=3).status == 200, 10, daemon, "health 200")
+
+
+def test_status_document(shared):
+    shared.get("/health")
+    r = shared.get("/status")
+    assert r.status == 200, r
+    st = r.json()
+    for key in ("pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
+                "database", "notes", "requests", "queue_depth", "loop_lag_ms", "threads",
+                "rss_bytes"):
+        assert key in st, key
+    assert st["pid"] == shared.pid()
+    assert st["pidfile"] == shared.pidfile
+    assert platform.python_version() in st["python"]
+    assert RFC3339_UTC.match(st["started_at"]), st["started_at"]
+    assert isinstance(st["notes"], int) and st["notes"] >= 0
+    assert st["requests"].get("2xx", 0) >= 1, st["requests"]
+    assert isinstance(st["rss_bytes"], int) and st["rss_bytes"] > 0
+    assert isinstance(st["threads"], int) and st["threads"] >= 2
+    assert isinstance(st["queue_depth"], int)
+    assert isinstance(st["loop_lag_ms"], (int, float))
+    assert isinstance(st["uptime"], (int, float)) and st["uptime"] >= 0
+
+
+def test_status_counts_notes(daemon):
+    assert daemon.get("/status").json()["notes"] == 0
+    daemon.note("one")
+    daemon.note("two")
+    assert daemon.get("/status").json()["notes"] == 2
+
+
+def test_status_version_matches_cli(daemon):
+    version = daemon.get("/status").json()["version"]
+    assert version in daemon.cli("--version").stdout
+
+
+def test_get_config(shared):
+    r = shared.get("/config")
+    assert r.status == 200, r
+    cfg = r.json()
+    assert cfg["listen"] == "127.0.0.1:0" or cfg["listen"].startswith("127.0.0.1:")
+    assert cfg["pidfile"] == shared.pidfile
+    assert cfg["max_body"] == 1048576
+    for key in ("log_level", "access_log", "timeout", "state_dir", "database"):
+        assert key in cfg, key
+
+
+def test_patch_config_live_keys(daemon):
+    r = daemon.request("PATCH", "/config", {"log_level": "warning", "max_body": 100})
+    assert r.status == 200, r
+    assert r.json()["log_level"] == "warning" and r.json()["max_body"] == 100
+    cfg = daemon.get("/config").json()
+    assert cfg["log_level"] == "warning" and cfg["max_body"] == 100
+    assert daemon.post("x" * 300).status == 413  # the new max_body is really live
+    assert daemon.post("short").status == 201
+
+
+def test_patch_config_restart_only_keys_409(daemon):
+    before = daemon.get("/config").json()
+    r = daemon.request("PATCH", "/config", {"log_level": "debug", "listen": "127.0.0.1:1",
+                                            "pidfile": "/tmp/elsewhere.pid"})
+    assert r.status == 409, r
+    assert "listen" in r.json()["message"] and "pidfile" in r.json()["message"]
+    assert daemon.get("/config").json() == before
+
+
+@pytest.mark.parametrize("patch", [{"colour": "blue"}, {"log_level": "loud"},
+                                   {"max_body": "big"}, {"log_level": "debug", "timeout": -1},
+                                   {"log_level": "debug", "colour": "blue"}, [1, 2]])
+def test_patch_config_invalid_changes_nothing(daemon, patch):
+    before = daemon.get("/config").json()
+    r = daemon.request("PATCH", "/config", patch)
+    assert r.status == 400, r
+    assert isinstance(r.json()["message"], str)
+    assert daemon.get("/config").json() == before
+
+
+def test_patch_log_level_debug_is_live(daemon):
+    assert daemon.request("PATCH", "/config", {"log_level": "warning"}).status == 200
+    for _ in range(3):
+        daemon.note("quiet")
+    assert "DEBUG" not in daemon.log()
+    r = daemon.request("PATCH", "/config", {"log_level": "debug"})
+    assert r.status == 200, r
+    for _ in range(3):  # ordinary traffic, and some refused requests
+        daemon.note("loud")
+    daemon.get("/nope")
+    daemon.request("POST", "/", body=b"{bad", headers={"Content-Type": "application/json"})
+    wait_until(lambda: "DEBUG" in daemon.log(), 5, daemon, "a DEBUG line in the log")
+
+
+def test_openapi_document(shared):
+    r = shared.get("/openapi.json")
+    assert r.status == 200, r
+    doc = r.json()
+    assert str(doc["openapi"]).startswith("3.1"), doc.get("openapi")
+    assert "title" in doc["info"] and "version" in doc["info"]
+    paths = set(doc["paths"])
+    expected = {"/", "/{id}/", "/{id}", "/health", "/status", "/config", "/openapi.json"}
+    assert expected <= paths, expected - paths
+    assert {"get", "post"} <= set(doc["paths"]["/"])
+    assert {"get", "put", "delete"} <= set(doc["paths"]["/{id}/"])
+    assert {"get", "patch"} <= set(doc["paths"]["/config"])
+
+
+def test_html_pages(shared):
+    note = shared.note("visible in html")
+    for path in ("/", "/%d/" % note["id"], "/health", "/status", "/config"):
+        r = shared.get(path, headers={"Accept": "text/html"})
+        assert r.status == 200, (path, r)
+        assert r.header("Content-Type").startswith("text/html"), (path, r.header("Content-Type"))
+        assert b"<html" in r.body.lower(), path
+
+
+def test_html_escapes_note_text(shared):
+    evil = "<script>alert(1)</script> " + unique("xss")
+    note = shared.note(evil)
+    for path in ("/%d/" % note["id"], "/?q=" + urllib.parse.quote(evil[-20:])):
+        body = shared.get(path, headers={"Accept": "text/html"}).body.decode()
+        assert "&lt;script&gt;" in body, (path, body[:2000])
+        assert "<script>alert(1)</script>" not in body, path
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+def assert_json_error(status, headers, body, expected):
+    """An error reply: the expected status, a JSON object with a message."""
+    assert status == expected, (status, headers, body[:500])
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    message = json.loads(body.decode("utf-8"))["message"]
+    assert isinstance(message, str) and message
+
+
+def assert_error(reply, expected):
+    assert_json_error(reply.status, {k.lower(): v for k, v in reply.headers.items()},
+                      reply.body, expected)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"text": "unterminated', b"[1, 2]", b"{}",
+                                  b'{"text": 5}', b'{"text": null}', b'{"txt": "typo"}',
+                                  b'{"text": "\xff\xfe bad utf-8"}', b"\xff\xfe"])
+def test_bad_post_body_is_400(shared, body):
+    r = shared.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 400)
+    shared.assert_serving()
+
+
+def test_bad_put_body_is_400(shared):
+    note = shared.note("keep me")
+    r = shared.request("PUT", "/%d/" % note["id"], body=b'{"text": 7}',
+                       headers={"Content-Type": "application/json"})
+    assert_error(r, 400)
+    assert shared.get("/%d/" % note["id"]).json()["text"] == "keep me"
+
+
+def test_bad_form_utf8_is_400(shared):
+    r = shared.request("POST", "/", body=b"text=%FF%FE",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert_error(r, 400)
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("query", ["limit=abc", "limit=0", "limit=5000", "limit=-1",
+                                   "after=abc"])
+def test_bad_query_is_400(shared, query):
+    assert_error(shared.get("/?" + query), 400)
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("path", ["/nope", "/nope/deeper", "/abc/", "/1/2/", "/-1/",
+                                  "/99999999999999999999999"])
+def test_unknown_path_is_404(shared, path):
+    assert_error(shared.get(path), 404)
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("method,path", [("PATCH", "/"), ("POST", "/health"),
+                                         ("POST", "/status"), ("DELETE", "/openapi.json"),
+                                         ("POST", "/1/")])
+def test_wrong_method_is_405_with_allow(shared, method, path):
+    r = shared.request(method, path, body=b"{}", headers={"Content-Type": "application/json"})
+    assert_error(r, 405)
+    allow = {m.strip().upper() for m in r.header("Allow", "").split(",")}
+    assert "GET" in allow and method not in allow, r.header("Allow")
+    shared.assert_serving()
+
+
+def test_post_without_content_length_is_411(shared):
+    data = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\n\r\n")
+    assert_json_error(*raw_exchange(shared.port, data), 411)
+    shared.assert_serving()
+
+
+def test_body_over_max_body_is_413_from_headers(shared):
+    # announce 10 MB and send none of it: the refusal must come from the headers
+    data = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000\r\nConnection: close\r\n\r\n")
+    assert_json_error(*raw_exchange(shared.port, data, timeout=5), 413)
+    shared.assert_serving()
+
+
+def test_unsupported_content_type_is_415(shared):
+    r = shared.request("POST", "/", body=b"text=hi", headers={"Content-Type": "text/plain"})
+    assert_error(r, 415)
+    shared.assert_serving()
+
+
+def test_garbage_request_line_is_400(shared):
+    assert_json_error(*raw_exchange(shared.port, b"this is not http\r\n\r\n"), 400)
+    shared.assert_serving()
+
+
+def test_over_long_url_is_414(shared):
+    data = b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert_json_error(*raw_exchange(shared.port, data), 414)
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("headers", ["".join("X-H%d: v\r\n" % i for i in range(200)),
+                                     "X-Long: " + "v" * (70 * 1024) + "\r\n"])
+def test_too_many_or_long_headers_is_431(shared, headers):
+    data = ("GET / HTTP/1.1\r\nHost: x\r\n%s\r\n" % headers).encode()
+    assert_json_error(*raw_exchange(shared.port, data), 431)
+    shared.assert_serving()
+
+
+def test_stalled_connections_do_not_delay_others(shared):
+    stalled = []
+    try:
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", shared.port), timeout=5)
+            stalled.append(s)
+            s.sendall(b"GET /hea")
+        t0 = time.monotonic()
+        r = shared.get("/health", timeout=5)
+        elapsed = time.monotonic() - t0
+        assert r.status == 200, r
+        assert elapsed < 1.5, "a new client waited %.2fs behind stalled connections" % elapsed
+    finally:
+        for s in stalled:
+            s.close()
+    shared.assert_serving()
+
+
+def test_no_traceback_in_shared_log(shared):
+    assert "Traceback" not in shared.log()
+
+
+###############################################################################
+# Concurrency & durability ####################################################
+###############################################################################
+
+
+def test_concurrent_writers(daemon):
+    threads, per_thread = 16, 25
+    acked, errors, lock = {}, [], threading.Lock()
+
+    def writer(k):
+        for i in range(per_thread):
+            text = "w%d-%d" % (k, i)
+            try:
+                r = daemon.post(text, timeout=30)
+            except Exception as exc:
+                with lock:
+                    errors.append(repr(exc))
+                continue
+            with lock:
+                if r.status == 201:
+                    nid = r.json()["id"]
+                    assert nid not in acked or True  # duplicates are checked below
+                    acked.setdefault(nid, []).append(text)
+                else:
+                    errors.append(r)
+
+    workers = [threading.Thread(target=writer, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not errors, errors[:5]
+    dupes = {nid: texts for nid, texts in acked.items() if len(texts) > 1}
+    assert not dupes, dupes
+    assert len(acked) == threads * per_thread
+    for nid, (text,) in acked.items():
+        r = daemon.get("/%d/" % nid)
+        assert r.status == 200 and r.json()["text"] == text, (nid, text, r)
+    assert daemon.get("/status").json()["notes"] == threads * per_thread
+
+
+def _write_until_stopped(d, stop, acked, lock, n_threads=8):
+    """Start writer threads that POST until stop is set or the daemon goes away."""
+
+    def writer(k):
+        i = 0
+        while not stop.is_set():
+            text = "dur-%d-%d-%s" % (k, i, os.urandom(3).hex())
+            i += 1
+            try:
+                r = d.post(text, timeout=10)
+            except (OSError, http.client.HTTPException):
+                return
+            if r.status == 201:
+                with lock:
+                    acked[r.json()["id"]] = text
+
+    workers = [threading.Thread(target=writer, args=(k,)) for k in range(n_threads)]
+    for w in workers:
+        w.start()
+    return workers
+
+
+def _assert_all_present(d, acked):
+    for nid, text in acked.items():
+        r = d.get("/%d/" % nid)
+        assert r.status == 200 and r.json()["text"] == text, (nid, text, r)
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_note(daemon):
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    workers = _write_until_stopped(daemon, stop, acked, lock)
+    try:
+        wait_until(lambda: len(acked) >= 60, 20, daemon, "60 acknowledged notes")
+        os.kill(daemon.pid(), signal.SIGKILL)
+        wait_until(lambda: not alive(daemon.seen_pids and max(daemon.seen_pids)), 5, daemon,
+                   "the killed daemon gone")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    daemon.start()
+    assert len(acked) >= 60
+    _assert_all_present(daemon, acked)
+
+
+def test_graceful_stop_during_writes_loses_no_acknowledged_note(daemon):
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    workers = _write_until_stopped(daemon, stop, acked, lock)
+    try:
+        wait_until(lambda: len(acked) >= 60, 20, daemon, "60 acknowledged notes")
+        daemon.stop()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    daemon.start()
+    _assert_all_present(daemon, acked)
+
+
+def _access_log_daemon(make_daemon, value):
+    d = make_daemon("--access-log", value, "--log-level", "info")
+    marker = unique("access")
+    assert d.get("/?q=" + marker).status == 200
+    assert d.get("/status").status == 200
+    d.stop()  # flushes the log; afterwards it is final
+    return d, marker
+
+
+def test_access_log_yes(make_daemon):
+    d, marker = _access_log_daemon(make_daemon, "yes")
+    lines = [l for l in d.log().splitlines() if marker in l]
+    assert lines and "GET" in lines[0], d.log()[-3000:]
+    assert "200" in lines[0]
+
+
+def test_access_log_no(make_daemon):
+    d, marker = _access_log_daemon(make_daemon, "no")
+    assert marker not in d.log()
+    assert "GET /status" not in d.log()
+
+
+###############################################################################
+# Security ####################################################################
+###############################################################################
+
+
+def test_token_required(make_daemon):
+    token = "s3cret-" + os.urandom(4).hex()
+    d = make_daemon("--token", token)
+    for path in ("/", "/status", "/config", "/openapi.json", "/1/"):
+        r = d.get(path)
+        assert_error(r, 401)
+        assert r.header("WWW-Authenticate"), r
+        assert d.get(path, headers={"Authorization": "Bearer wrong"}).status == 401
+    r = d.post("no auth")
+    assert r.status == 401, r
+    assert d.get("/health").status == 200
+    auth = {"Authorization": "Bearer " + token}
+    r = d.request("POST", "/", {"text": "with auth"}, headers=auth)
+    assert r.status == 201, r
+    cfg = d.get("/config", headers=auth)
+    assert cfg.status == 200 and cfg.json()["token"] == "***"
+    assert token not in d.get("/status", headers=auth).body.decode()
+    assert token not in cfg.body.decode()
+    # the CLI still manages a token-protected daemon
+    assert d.cli("status").returncode == 0
+    assert d.cli("check").returncode == 0
+
+
+def test_token_set_live_by_patch(daemon):
+    r = daemon.request("PATCH", "/config", {"token": "live-token"})
+    assert r.status == 200, r
+    assert r.json()["token"] == "***"
+    assert daemon.get("/").status == 401
+    assert daemon.get("/", headers={"Authorization": "Bearer live-token"}).status == 200
+    assert daemon.get("/health").status == 200
+
+
+NETNS_SCRIPT = r'''
+import http.client, json, subprocess, sys, urllib.parse
+argv, urlfile, token = json.loads(sys.argv[1])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+# a dummy interface carries the non-loopback address; where the kernel has no
+# dummy driver (some containers), lo carries it: the source is non-loopback either way
+if subprocess.run(["ip", "link", "add", "d0", "type", "dummy"], timeout=10).returncode == 0:
+    subprocess.run(["ip", "addr", "add", "10.253.0.1/32", "dev", "d0"], check=True, timeout=10)
+    subprocess.run(["ip", "link", "set", "d0", "up"], check=True, timeout=10)
+else:
+    subprocess.run(["ip", "addr", "add", "10.253.0.1/32", "dev", "lo"], check=True, timeout=10)
+out = {}
+r = subprocess.run(argv + ["start"], capture_output=True, text=True, timeout=30)
+out["start"] = [r.returncode, r.stdout, r.stderr]
+if r.returncode == 0:
+    port = urllib.parse.urlsplit(open(urlfile).read().strip()).port
+    for host in ("10.253.0.1", "127.0.0.1"):
+        for auth in (None, token):
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            headers = {"Authorization": "Bearer " + auth} if auth else {}
+            try:
+                conn.request("GET", "/", headers=headers)
+                resp = conn.getresponse()
+                out["%s %s" % (host, bool(auth))] = [resp.status, resp.read().decode(errors="replace")]
+            except Exception as exc:
+                out["%s %s" % (host, bool(auth))] = [None, repr(exc)]
+            finally:
+                conn.close()
+    r = subprocess.run(argv + ["stop"], capture_output=True, text=True, timeout=30)
+    out["stop"] = [r.returncode, r.stdout, r.stderr]
+print(json.dumps(out))
+'''
+
+
+def _in_netns(make_daemon, tmp_path, *extra, token=""):
+    """Run a 0.0.0.0 daemon and clients inside a fresh network namespace; return results."""
+    if not IS_ROOT or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("needs root, ip and unshare")
+    d = make_daemon("--listen", "0.0.0.0:0", *extra, start=False)
+    script = tmp_path / "netns.py"
+    script.write_text(NETNS_SCRIPT)
+    r = subprocess.run(["unshare", "--net", sys.executable, str(script),
+                        json.dumps([d.argv(), d.urlfile, token])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    assert out["start"][0] == 0, (out, d.log())
+    assert out["stop"][0] == 0, out
+    return out
+
+
+def test_protected_mode_refuses_remote_clients_without_token(make_daemon, tmp_path):
+    out = _in_netns(make_daemon, tmp_path)
+    status, body = out["10.253.0.1 False"]
+    assert status == 403, out
+    assert "token" in json.loads(body)["message"].lower()
+    assert out["127.0.0.1 False"][0] == 200, out
+
+
+def test_remote_clients_with_token(make_daemon, tmp_path):
+    out = _in_netns(make_daemon, tmp_path, "--token", "netns-token", token="netns-token")
+    assert out["10.253.0.1 False"][0] == 401, out
+    assert out["10.253.0.1 True"][0] == 200, out
+    assert out["127.0.0.1 True"][0] == 200, out
