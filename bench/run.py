@@ -628,15 +628,17 @@ def benchmark(cfg, res, meta, tmp, notesd_script):
             if done >= step or time.monotonic() > rss_deadline:
                 break
             check_time()
-            # the first chunk (1 s) measures the rate; later ones aim at the step
-            secs = 1 if rate is None else min(20, max(1, math.ceil((step - done) / rate)))
+            # The first chunk (1 s) measures the rate; later ones stop short of
+            # the step (wrk's -d is whole seconds), so each reading is taken
+            # soon after its step and never both after one chunk.
+            secs = 1 if rate is None else min(20, max(1, int((step - done) / rate)))
             r = run_wrk(note_url, 16, secs)
             done += r["requests"]
             rate = max(r["requests"] / max(r["elapsed_s"] or secs, 0.1), 50.0)
         rss_at[step] = (done, rss_mb(nd.pid))
         short = "" if done >= step else "only %d requests within the %d s budget" % (done, cfg["rss_budget"])
         log("RSS after %d requests: %.1f MB %s" % (done, rss_at[step][1], short))
-        res.scalar_row("RSS after %dk requests" % (step // 1000), "notesd",
+        res.scalar_row("RSS after %dk requests (>= %dk)" % (done // 1000, step // 1000), "notesd",
                        round(rss_at[step][1], 1), "MB", None,
                        {"requests": done, "note": short} if short else {"requests": done})
     (n1, r1), (n2, r2) = rss_at[cfg["rss_steps"][0]], rss_at[cfg["rss_steps"][1]]
