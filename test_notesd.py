@@ -537,10 +537,26 @@ def test_concurrent_starts_leave_one_daemon(make_daemon):
     d.after_start()
     pid = d.pid()
     wait_until(lambda: d.processes() == [pid], 5, d, "exactly one daemon")
-    for (out, _), _ in results:
-        m = START_LINE.search(out)
-        assert m and int(m.group(2)) == pid, out
+    for (out, _), _ in results:  # every starter reports the one daemon
+        assert re.search(r"\bpid %d\b" % pid, out), out
     assert d.get("/health").status == 200
+
+
+def _have_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback")
+def test_listen_ipv6(make_daemon):
+    d = make_daemon("--listen", "[::1]:0")
+    assert re.match(r"^http://\[::1\]:\d+/$", d.url), d.url
+    assert d.get("/health").status == 200
+    assert d.cli("status").returncode == 0
 
 
 def test_stale_pid_file_of_dead_process_is_taken_over(make_daemon):
@@ -683,6 +699,19 @@ def test_reload_invalid_file_keeps_old_config(make_daemon, tmp_path):
     reply = d.get("/config")
     assert reply.status == 200
     assert reply.json()["log_level"] == "warning"
+
+
+def test_reload_applies_live_keys_and_keeps_restart_only_ones(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = info\n")
+    d = make_daemon(config=conf)
+    url = d.url
+    conf.write_text("[notesd]\nlog_level = error\nqueue_size = 5\n")
+    r = d.cli("reload")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    cfg = d.get("/config").json()
+    assert cfg["log_level"] == "error"
+    assert cfg["queue_size"] == 10000  # needs a restart: not applied
+    assert d.url == url
 
 
 def test_reload_not_running(make_daemon):
@@ -1031,6 +1060,23 @@ def test_put_creates_note_at_id(shared):
     assert got.status == 200 and got.json()["text"] == "made by PUT"
 
 
+def test_options_lists_allowed_methods(shared):
+    for path, methods in (("/", {"GET", "HEAD", "POST"}), ("/1/", {"GET", "PUT", "DELETE"}),
+                          ("/config", {"GET", "PATCH"}), ("/health", {"GET", "HEAD"})):
+        r = shared.request("OPTIONS", path)
+        assert r.status in (200, 204), (path, r)
+        allow = {m.strip().upper() for m in r.header("Allow", "").split(",")}
+        assert methods <= allow, (path, allow)
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_put_with_curl_form(shared):
+    note = shared.note("curl put before")
+    code, body = _curl("-X", "PUT", "-d", "text=curl put after", note["url"])
+    assert code == 200, body
+    assert shared.get(note["url"]).json()["text"] == "curl put after"
+
+
 def test_delete_is_idempotent(shared):
     note = shared.note("delete me")
     path = "/%d/" % note["id"]
@@ -1342,6 +1388,16 @@ def test_too_many_or_long_headers_is_431(shared, headers):
     shared.assert_serving()
 
 
+def test_stalled_body_gets_408(make_daemon):
+    d = make_daemon("--timeout", "0.5")
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"text\": ")
+    t0 = time.monotonic()
+    assert_json_error(*raw_exchange(d.port, data, timeout=5), 408)
+    assert time.monotonic() - t0 < 4
+    d.assert_serving()
+
+
 def test_stalled_connections_do_not_delay_others(shared):
     stalled = []
     try:
@@ -1383,10 +1439,8 @@ def test_concurrent_writers(daemon):
                     errors.append(repr(exc))
                 continue
             with lock:
-                if r.status == 201:
-                    nid = r.json()["id"]
-                    assert nid not in acked or True  # duplicates are checked below
-                    acked.setdefault(nid, []).append(text)
+                if r.status == 201:  # duplicate ids are collected, checked below
+                    acked.setdefault(r.json()["id"], []).append(text)
                 else:
                     errors.append(r)
 
@@ -1438,9 +1492,9 @@ def test_kill_9_during_writes_loses_no_acknowledged_note(daemon):
     workers = _write_until_stopped(daemon, stop, acked, lock)
     try:
         wait_until(lambda: len(acked) >= 60, 20, daemon, "60 acknowledged notes")
-        os.kill(daemon.pid(), signal.SIGKILL)
-        wait_until(lambda: not alive(daemon.seen_pids and max(daemon.seen_pids)), 5, daemon,
-                   "the killed daemon gone")
+        pid = daemon.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 5, daemon, "the killed daemon gone")
     finally:
         stop.set()
         for w in workers:
@@ -1493,7 +1547,7 @@ def test_access_log_no(make_daemon):
 
 def test_token_required(make_daemon):
     token = "s3cret-" + os.urandom(4).hex()
-    d = make_daemon("--token", token)
+    d = make_daemon("--token", token, "--log-level", "debug", "--access-log", "yes")
     for path in ("/", "/status", "/config", "/openapi.json", "/1/"):
         r = d.get(path)
         assert_error(r, 401)
@@ -1512,6 +1566,10 @@ def test_token_required(make_daemon):
     # the CLI still manages a token-protected daemon
     assert d.cli("status").returncode == 0
     assert d.cli("check").returncode == 0
+    r = d.cli("configtest")
+    assert r.returncode == 0 and "***" in r.stdout and token not in r.stdout + r.stderr
+    d.stop()
+    assert token not in d.log()
 
 
 def test_token_set_live_by_patch(daemon):
