@@ -102,6 +102,10 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000
 MAX_ID = 2**53 - 1
 #: PATH for the daemon: nothing inherited from whoever started it (daemon(7)).
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: environment variables the daemon keeps; the rest (a caller's PATH,
+#: PYTHONPATH, LD_PRELOAD ...) must not steer a long-running daemon.
+KEEP_ENVIRONMENT = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                    "NOTESD_CONFIG")
 #: signals that keep SIG_IGN when the daemonizer resets handlers: CPython
 #: itself ignores them at startup and relies on EPIPE/EFBIG instead.
 KEEP_IGNORED = {signal.SIGPIPE, signal.SIGXFSZ}
@@ -286,6 +290,9 @@ class Config:
         if path:
             path = os.path.abspath(path)
             raw = _read_ini(path)
+        for key in raw:
+            if key not in DEFAULTS:
+                raise _unknown_key(key, path)
         values = {}
         for key, option in DEFAULTS.items():
             source, text = "default", option.default
@@ -305,9 +312,6 @@ class Config:
         """A new Config with `changes` ({key: text}) validated and applied."""
         values = dict(self._values)
         for key, text in changes.items():
-            if key not in DEFAULTS:
-                raise ConfigError(f"{source}: unknown key '{key}'; known keys: "
-                                  + ", ".join(DEFAULTS))
             values[key] = _validate(key, text, source)
         return Config(values, self.path, self.overrides)
 
@@ -348,7 +352,7 @@ def _read_ini(path):
 
 def _validate(key, text, source):
     if key not in DEFAULTS:
-        raise ConfigError(f"{source}: unknown key '{key}'; known keys: " + ", ".join(DEFAULTS))
+        raise _unknown_key(key, source)
     if isinstance(text, bool):
         text = "yes" if text else "no"
     elif isinstance(text, (int, float)):
@@ -359,6 +363,10 @@ def _validate(key, text, source):
         return DEFAULTS[key].parse(text.strip())
     except ValueError as e:
         raise ConfigError(f"{source}: key '{key}' = '{text}': {e}") from None
+
+
+def _unknown_key(key, source):
+    return ConfigError(f"{source}: unknown key '{key}'; known keys: " + ", ".join(DEFAULTS))
 
 
 def _derive_paths(values):
@@ -654,7 +662,7 @@ class MainLoop:
         for command in batch:
             handler = getattr(self, "do_" + command.name)
             try:
-                if command.name in self.WRITES and not pending:
+                if command.name in self.WRITES and not self.store.db.in_transaction:
                     self.store.begin()
                 result = handler(*command.args)
             except NotesdError as e:
@@ -672,7 +680,7 @@ class MainLoop:
                 if command.name in self.WRITES:
                     pending.append(command)
                     delta += result[2]
-        if pending:
+        if self.store.db.in_transaction:  # also after writes that were refused
             try:
                 self.store.commit()
                 self.store.count += delta
@@ -1674,15 +1682,26 @@ class SystemdNotifier:
 # daemon(7), "SysV Daemons"). 1-2 happen in cmd_start, 3-5 in daemonize(),
 # 6-9 in serve(), which `run` calls directly in the foreground.
 #   1. validate the config, make every path absolute (Config.load)
-#   2. exit 0 if the pid file is locked by a running notesd
+#   2. exit 0 if the pid file is locked by a running notesd; else re-execute
+#      with a clean environment and a safe PATH
 #   3. readiness pipe, fork: the original process waits for the verdict
 #   4. setsid, fork again: never a session leader, so never a controlling tty
-#   5. umask, chdir /, signals reset, safe PATH, close fds, stdio on /dev/null,
-#      no core dumps
+#   5. umask, chdir /, signals reset, close fds, stdio on /dev/null, no core dumps
 #   6. pid file: lock, then write
 #   7. bind and open storage while privileged, chroot, drop privileges
 #   8. logging
 #   9. HTTP thread, READY to the waiting parent, main loop in the main thread
+
+
+def _clean_environment():
+    """Step 2, second half: the daemon's environment is KEEP_ENVIRONMENT and a
+    safe PATH (daemon(7), step 5). Only exec really replaces it: the kernel
+    shows the exec-time environment in /proc/PID/environ, and a library may
+    read it from there, whatever os.environ says. Returns only when clean."""
+    clean = {k: v for k, v in os.environ.items() if k in KEEP_ENVIRONMENT}
+    clean["PATH"] = SAFE_PATH
+    if os.environ != clean:
+        os.execve(sys.executable, [sys.executable, *sys.argv], clean)
 
 
 def daemonize(config):
@@ -1723,7 +1742,6 @@ def _reset_process_state(umask, keep):
     os.umask(umask)      # our files get our modes, not the caller's umask
     os.chdir("/")        # do not keep a mounted filesystem busy
     _reset_signals()
-    os.environ["PATH"] = SAFE_PATH
     _close_inherited_fds(keep)
     _stdio_to_devnull()
     # Core dumps off: they would hold the token and the notes.
@@ -1930,6 +1948,7 @@ def cmd_start(config, args):
     if pid:
         print(f"notesd already running, pid {pid}, {read_url(config) or config.listen}")
         return 0
+    _clean_environment()
     return daemonize(config)
 
 
