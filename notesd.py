@@ -657,6 +657,7 @@ class MainLoop:
     def execute(self, batch):
         """Run a batch; its writes share one transaction, committed (one fsync)
         before any reply goes out, so every acknowledged write is durable."""
+        started = time.monotonic()
         pending = []  # write commands in the open transaction
         delta = 0     # their change to the note count, applied on commit
         for command in batch:
@@ -689,6 +690,7 @@ class MainLoop:
                 self._abort(pending)
         for command in batch:
             command.finish(command.result, command.error)
+        log.debug("ran %d commands in %.3f ms", len(batch), (time.monotonic() - started) * 1000)
 
     def _abort(self, pending):
         """Roll back the open transaction and fail the writes that were in it."""
@@ -968,6 +970,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             handler, args = self.route(path)
             status, payload, headers = handler(*args, query)
         except NotesdError as e:
+            log.debug("%s %s: %d %s", self.command, self.path, e.status, e)
             status, payload, headers = e.status, {"message": str(e)}, e.headers
         except socket.timeout:
             self.close_connection = True
