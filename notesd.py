@@ -41,6 +41,7 @@ import datetime
 import email.errors
 import email.parser
 import email.policy
+import email.utils
 import errno
 import fcntl
 import grp
@@ -272,14 +273,9 @@ class Config:
 
     def __init__(self, values, path=None, overrides=None):
         self._values = values
+        self.__dict__.update(values)  # plain attributes: read on every request
         self.path = path
         self.overrides = dict(overrides or {})
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["_values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @classmethod
     def load(cls, path=None, overrides=None):
@@ -657,7 +653,6 @@ class MainLoop:
     def execute(self, batch):
         """Run a batch; its writes share one transaction, committed (one fsync)
         before any reply goes out, so every acknowledged write is durable."""
-        started = time.monotonic()
         pending = []  # write commands in the open transaction
         delta = 0     # their change to the note count, applied on commit
         for command in batch:
@@ -690,7 +685,7 @@ class MainLoop:
                 self._abort(pending)
         for command in batch:
             command.finish(command.result, command.error)
-        log.debug("ran %d commands in %.3f ms", len(batch), (time.monotonic() - started) * 1000)
+        log.debug("ran a batch of %d commands", len(batch))
 
     def _abort(self, pending):
         """Roll back the open transaction and fail the writes that were in it."""
@@ -1143,17 +1138,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             body, content_type = render_page(self, status, payload, headers), HTML_TYPE
         else:
             body, content_type = json.dumps(payload).encode() + b"\n", JSON_TYPE
-        lines = [f"HTTP/1.1 {status} {_phrase(status)}",
-                 f"Server: {self.server_version}",
-                 f"Date: {self.date_time_string()}"]
+        head = STATUS_HEADS[status] + f"Date: {http_date()}\r\n"
         if content_type:
-            lines.append(f"Content-Type: {content_type}")
+            head += f"Content-Type: {content_type}\r\n"
         if status != 204:  # RFC 9110 8.6: no Content-Length in a 204
-            lines.append(f"Content-Length: {len(body)}")
-        lines += [f"{name}: {value}" for name, value in headers]
+            head += f"Content-Length: {len(body)}\r\n"
+        for name, value in headers:
+            head += f"{name}: {value}\r\n"
         if self.close_connection:
-            lines.append("Connection: close")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            head += "Connection: close\r\n"
+        data = (head + "\r\n").encode("latin-1")
         self.wfile.write(data if self.command == "HEAD" else data + body)
         self.server.loop.responses.append(status)
         if self.server.config.access_log:
@@ -1202,6 +1196,23 @@ def _phrase(status):
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+#: The status line and Server header of every status, built once.
+STATUS_HEADS = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                              f"Server: {ApiHandler.server_version}\r\n"
+                for status in http.HTTPStatus}
+_date = (0, "")
+
+
+def http_date():
+    """The Date header's value (RFC 9110 6.6.1), formatted once a second.
+    Any thread: the tuple is replaced whole, so a reader never sees half."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 def _is_loopback(address):
