@@ -40,7 +40,6 @@ import configparser
 import datetime
 import email.errors
 import email.parser
-import email.policy
 import email.utils
 import errno
 import fcntl
@@ -1366,12 +1365,12 @@ def _form_fields(body, content_type):
 
 def _multipart_fields(body, content_type):
     # The cgi module is gone in Python 3.13; the email package parses MIME.
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+    message = email.parser.BytesParser().parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     if not message.is_multipart():
         raise ValueError("not a multipart body (missing boundary?)")
     fields = {}
-    for part in message.iter_parts():
+    for part in message.get_payload():
         name = part.get_param("name", header="content-disposition")
         if name and part.get_filename() is None:
             payload = part.get_payload(decode=True) or b""
@@ -1803,14 +1802,17 @@ class SystemdNotifier:
 
 
 def _clean_environment():
-    """Step 2, second half: the daemon's environment is KEEP_ENVIRONMENT and a
-    safe PATH (daemon(7), step 5). Only exec really replaces it: the kernel
-    shows the exec-time environment in /proc/PID/environ, and a library may
-    read it from there, whatever os.environ says. Returns only when clean."""
+    """Step 2, second half: re-execute the interpreter with an environment of
+    KEEP_ENVIRONMENT and a safe PATH (daemon(7), step 5). Only exec really
+    replaces it: the kernel shows the exec-time environment in
+    /proc/PID/environ, and a library may read it from there. The new
+    interpreter runs isolated and without site (-I -S): notesd needs only the
+    standard library, so no .pth file in site-packages runs in the daemon,
+    which also starts faster and smaller (bench/). Returns only when clean."""
     clean = {k: v for k, v in os.environ.items() if k in KEEP_ENVIRONMENT}
     clean["PATH"] = SAFE_PATH
-    if os.environ != clean:
-        os.execve(sys.executable, [sys.executable, *sys.argv], clean)
+    if os.environ != clean or not (sys.flags.isolated and sys.flags.no_site):
+        os.execve(sys.executable, [sys.executable, "-I", "-S", *sys.argv], clean)
 
 
 def daemonize(config):
