@@ -906,22 +906,13 @@ MAX_HEADER_LINE, MAX_HEADERS = 65536, 100
 VERSION_RE = re.compile(r"HTTP/1\.(\d)")
 
 
-class Headers(dict):
-    """A request's header fields by lower-case name; a repeated field's values
-    joined with ', ' (RFC 9110 5.3). get() and [] ignore case, as in email."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-    def __getitem__(self, name):
-        return dict.__getitem__(self, name.lower())
-
-
 def read_headers(rfile):
-    """The header section of a request (RFC 9112 5), read up to its empty line.
-    A small parser in place of http.client.parse_headers, whose trip through
-    the email package was half of a GET's CPU in the handler thread (yappi)."""
-    headers = Headers()
+    """The header section of a request (RFC 9112 5), read up to its empty line,
+    as {lower-case name: value}; a repeated field's values are joined with ', '
+    (RFC 9110 5.3). A small parser in place of http.client.parse_headers,
+    whose trip through the email package was half of a GET's CPU in the
+    handler thread (yappi). Look fields up by their lower-case names."""
+    headers = {}
     for _ in range(MAX_HEADERS + 1):
         line = rfile.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
@@ -934,7 +925,7 @@ def read_headers(rfile):
         if not colon or not name or name != name.strip() or " " in name:
             raise _http_error(400, f"malformed header line {line[:80]!r}")
         name, value = name.lower(), value.strip()
-        headers[name] = f"{dict.get(headers, name)}, {value}" if name in headers else value
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
     raise _http_error(431, f"more than {MAX_HEADERS} header fields")
 
 
@@ -1001,7 +992,8 @@ class ApiServer(http.server.ThreadingHTTPServer):
 class ApiHandler(http.server.BaseHTTPRequestHandler):
     """One connection. Parses requests, checks them, submits commands to the
     main loop and writes the replies. Runs in the connection's thread; touches
-    no state but the immutable Config and the MainLoop's submit()."""
+    no state but the immutable Config and the MainLoop's submit().
+    self.headers is a plain dict keyed by lower-case field name (read_headers)."""
 
     protocol_version = "HTTP/1.1"   # keep-alive; every response has a Content-Length
     disable_nagle_algorithm = True  # else a small reply waits ~40 ms on delayed ACK
@@ -1067,7 +1059,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               "(or run with --token SECRET), restart or reload, and send "
                               "'Authorization: Bearer SECRET'")
         if config.token and path != "/health":
-            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            scheme, _, given = self.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     given.strip().encode(), config.token.encode()):
                 raise _http_error(401, "a valid 'Authorization: Bearer TOKEN' header is required",
@@ -1106,13 +1098,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise _http_error(400, f"note ids go up to {MAX_ID}")
         text = self.read_text()
         row, created, _ = self.server.loop.submit("put", note_id, text,
-                                                  self.headers.get("If-Match"))
+                                                  self.headers.get("if-match"))
         note = _note_json(row, self.base_url())
         headers = [("ETag", etag(row))] + ([("Location", note["url"])] if created else [])
         return (201 if created else 200), note, headers
 
     def delete_note(self, note_id, query):
-        note_id, if_match = int(note_id), self.headers.get("If-Match")
+        note_id, if_match = int(note_id), self.headers.get("if-match")
         if note_id <= SQLITE_MAX_INT:
             self.server.loop.submit("delete", note_id, if_match)
         elif if_match is not None:
@@ -1151,10 +1143,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self):
         """The body, refused from the headers alone when it cannot be taken."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
             self.close_connection = True
             raise _http_error(411, "chunked bodies are not supported; send Content-Length")
-        length = self.headers.get("Content-Length")
+        length = self.headers.get("content-length")
         if length is None:
             raise _http_error(411, "a request body needs a Content-Length header")
         if not length.strip().isdigit():
@@ -1172,7 +1164,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def read_text(self):
         """The note text from a JSON, form or multipart body."""
         body = self.read_body()
-        content_type = self.headers.get("Content-Type", JSON_TYPE)
+        content_type = self.headers.get("content-type", JSON_TYPE)
         parse = BODY_PARSERS.get(content_type.partition(";")[0].strip().lower())
         if parse is None:
             raise _http_error(415, f"unsupported Content-Type {content_type!r}; use "
@@ -1241,17 +1233,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except NotesdError as e:
             self.send_error(e.status, str(e))
             return False
-        connection = self.headers.get("Connection", "").lower()
+        connection = self.headers.get("connection", "").lower()
         self.close_connection = ("close" in connection or
                                  (match.group(1) == "0" and "keep-alive" not in connection))
-        if match.group(1) != "0" and self.headers.get("Expect", "").lower() == "100-continue":
+        if match.group(1) != "0" and self.headers.get("expect", "").lower() == "100-continue":
             return self.handle_expect_100()
         return True
 
     def handle_expect_100(self):
         # RFC 9110 10.1.1: refuse an oversized body before the client sends it,
         # rather than invite it with 100 Continue.
-        length = self.headers.get("Content-Length", "")
+        length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.server.config.max_body:
             self.close_connection = True
             self.respond(413, {"message": f"the body is {length} bytes; the limit is "
@@ -1268,10 +1260,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         headers = getattr(self, "headers", None)
         if self.command not in ("GET", "HEAD") or headers is None:
             return False
-        return _prefers_html(headers.get("Accept", ""))
+        return _prefers_html(headers.get("accept", ""))
 
     def base_url(self):
-        host = self.headers.get("Host", "")
+        host = self.headers.get("host", "")
         return "http://" + (host if HOST_RE.fullmatch(host) else self.server.host_header)
 
     def log_message(self, format, *args):
