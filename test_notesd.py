@@ -631,6 +631,30 @@ def test_stop_timeout_and_force(daemon):
     wait_until(lambda: not alive(pid), 5, daemon, "daemon killed")
 
 
+@pytest.mark.skipif(not shutil.which("start-stop-daemon"), reason="needs start-stop-daemon")
+def test_start_stop_daemon_stops_it(daemon):
+    pid = daemon.pid()
+    r = subprocess.run(["start-stop-daemon", "--stop", "--pidfile", daemon.pidfile,
+                        "--retry", "10"], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr, daemon.log())
+    assert not alive(pid)
+    assert not os.path.exists(daemon.pidfile)  # removed by the daemon's clean stop
+    assert not os.path.exists(daemon.urlfile)
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.skipif(not shutil.which("pkill"), reason="needs pkill")
+def test_pkill_with_pid_file_stops_it(daemon):
+    pid = daemon.pid()
+    r = subprocess.run(["pkill", "-F", daemon.pidfile], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    wait_until(lambda: not alive(pid), 10, daemon, "the daemon gone after pkill -F")
+    r = daemon.cli("status")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert not os.path.exists(daemon.pidfile)
+
+
 def test_restart_gives_new_daemon(daemon):
     old = daemon.pid()
     r = daemon.cli("restart")
@@ -810,6 +834,101 @@ def test_run_in_foreground_stops_on_sigterm(tmp_path):
         d.cleanup()
 
 
+class NotifyListener:
+    """Our end of sd_notify(3): an AF_UNIX datagram socket, read by a thread.
+
+    `messages` collects each datagram as a dict of its KEY=VALUE lines, in
+    order of arrival; `address` is the NOTIFY_SOCKET value to pass down.
+    """
+
+    def __init__(self, address):
+        self.address = address
+        self.messages, self.raw = [], []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while not self.done.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.raw.append(data)
+            lines = [l for l in data.decode().split("\n") if l]
+            self.messages.append(dict(l.split("=", 1) for l in lines if "=" in l))
+
+    def since(self, start, key, value=None):
+        """Indexes of messages from `start` on that carry key (=value)."""
+        return [i for i, m in enumerate(self.messages) if i >= start and key in m
+                and (value is None or m[key] == value)]
+
+    def close(self):
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_run_speaks_sd_notify(tmp_path, kind):
+    if kind == "path":
+        address = str(tmp_path / "notify.sock")
+    else:
+        address = "@notesd-test-notify-%s" % os.urandom(6).hex()
+    listener = NotifyListener(address)
+    d = Daemon(tmp_path / "fg")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_FDS")}
+    env.update(NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
+    proc = None
+    try:
+        with open(tmp_path / "fg.err", "w") as err:
+            proc = subprocess.Popen(d.argv("run"), env=env, stdout=err, stderr=err)
+        got = listener.messages
+        wait_until(lambda: listener.since(0, "READY", "1"), 10, d, "READY=1")
+        first = got[0]
+        assert first.get("READY") == "1", got
+        assert first.get("STATUS"), got
+        assert first.get("MAINPID") == str(proc.pid), (got, proc.pid)
+        d.after_start()
+        assert d.get("/health").status == 200
+
+        # WATCHDOG_USEC=400000: a WATCHDOG=1 at least every 0.2 s from the main loop
+        wait_until(lambda: len(listener.since(1, "WATCHDOG", "1")) >= 2, 2, d,
+                   "two WATCHDOG=1")
+
+        mark = len(got)
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)
+        reloading = wait_until(lambda: listener.since(mark, "RELOADING", "1"), 5, d,
+                               "RELOADING=1")[0]
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        usec = got[reloading].get("MONOTONIC_USEC", "")
+        assert usec.isdigit(), got[reloading]
+        assert before <= int(usec) <= after, (before, usec, after)
+        wait_until(lambda: listener.since(reloading + 1, "READY", "1"), 5, d,
+                   "READY=1 after the reload")
+
+        mark = len(got)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, d.log()
+        wait_until(lambda: listener.since(mark, "STOPPING", "1"), 5, d, "STOPPING=1")
+        assert not os.path.exists(d.pidfile)
+        line = rb"[A-Z_]+=[^\n]*"
+        for raw in listener.raw:  # newline-separated KEY=VALUE lines
+            assert re.fullmatch(rb"%s(\n%s)*\n?" % (line, line), raw), listener.raw
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=CLI_TIMEOUT)
+        listener.close()
+        d.cleanup()
+
+
 ###############################################################################
 # Config & CLI ################################################################
 ###############################################################################
@@ -916,6 +1035,110 @@ def test_check_unknown_with_bad_config(tmp_path):
     r = Daemon(tmp_path, "--umask", "999").cli("check")
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout.startswith("NOTESD UNKNOWN - "), r.stdout
+
+
+#: A monitoring plugin's first output line (monitoring-plugins guidelines, 2.3).
+CHECK_LINE = re.compile(r"^NOTESD (OK|WARNING|CRITICAL|UNKNOWN) - (\S.*?)(?: \| (.*))?$")
+#: One performance data item: 'label'=value[UOM];[warn];[crit];[min];[max]
+PERFDATA = re.compile(r"'([^'=]+)'=(-?\d+(?:\.\d+)?)(us|ms|s|%|B|KB|MB|TB|c)?"
+                      r"((?:;[-\d.:~@]*){0,4})")
+
+
+def _check_output(r):
+    """The state and the perfdata ({label: (value, uom, [warn, crit, min, max])})."""
+    first = r.stdout.split("\n", 1)[0]
+    m = CHECK_LINE.match(first)
+    assert m, (r.returncode, r.stdout, r.stderr)
+    perf = {}
+    for item in (m.group(3) or "").split():
+        p = PERFDATA.fullmatch(item)
+        assert p, (item, first)
+        thresholds = (p.group(4)[1:].split(";") if p.group(4) else []) + [""] * 4
+        perf[p.group(1)] = (float(p.group(2)), p.group(3) or "", thresholds[:4])
+    return m.group(1), perf
+
+
+@pytest.mark.parametrize("options,state,code,warn,crit", [
+    ((), "OK", 0, 500, 2000),
+    (("--warn-lag", "0"), "WARNING", 1, 0, 2000),  # the lag is never below 0
+    (("--crit-lag", "0"), "CRITICAL", 2, 500, 0),
+    (("--warn-lag", "0", "--crit-lag", "0"), "CRITICAL", 2, 0, 0),
+])
+def test_check_states_and_perfdata(shared, options, state, code, warn, crit):
+    r = shared.cli("check", *options)
+    got, perf = _check_output(r)
+    assert (got, r.returncode) == (state, code), (r.stdout, r.stderr)
+    assert set(perf) == {"lag", "requests", "notes", "rss"}, r.stdout
+    lag, uom, thresholds = perf["lag"]
+    assert lag >= 0 and uom == "ms", r.stdout
+    assert [float(t) for t in thresholds[:3]] == [warn, crit, 0], r.stdout
+    assert perf["requests"][0] >= 0 and perf["requests"][1] == "c", r.stdout
+    assert perf["rss"][0] > 0 and perf["rss"][1] == "B", r.stdout
+    assert perf["notes"][0] >= 0, r.stdout
+
+
+def test_check_not_running_and_bad_config_lines(make_daemon, tmp_path):
+    r = make_daemon(start=False).cli("check")
+    assert (_check_output(r)[0], r.returncode) == ("CRITICAL", 2), (r.stdout, r.stderr)
+    r = Daemon(tmp_path, "--umask", "999").cli("check")
+    assert (_check_output(r)[0], r.returncode) == ("UNKNOWN", 3), (r.stdout, r.stderr)
+
+
+README = os.path.join(os.path.dirname(NOTESD), "README.md")
+EXAMPLE_CONFIG = os.path.join(os.path.dirname(NOTESD), "notesd.conf.example")
+
+
+def _readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def _readme_table(heading):
+    """The first cell of each row of the first table under a '## heading', as
+    lists of the `names` in it."""
+    section = _readme().split("\n## " + heading + "\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows, "no table under ## %s in README.md" % heading
+    return [re.findall(r"`([^`]+)`", row.split("|")[1]) for row in rows]
+
+
+def test_configtest_example_is_the_shipped_example(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NOTESD_CONFIG"}
+    r = subprocess.run([sys.executable, NOTESD, "configtest", "--example"], capture_output=True,
+                       text=True, timeout=CLI_TIMEOUT, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
+        shipped = f.read()
+    assert r.stdout == shipped, "notesd.conf.example is stale: regenerate it with " \
+                                "python3 notesd.py configtest --example"
+    assert len(re.findall(r"^#(\w+) = ", shipped, re.M)) >= 10, shipped
+    # a valid config file as it is, and with every default shown uncommented
+    for name, text in [("as-is.conf", shipped),
+                       ("defaults.conf", re.sub(r"^#(\w+ = \S.*)$", r"\1", shipped, flags=re.M))]:
+        (tmp_path / name).write_text(text)
+        r = Daemon(tmp_path, config=tmp_path / name).cli("configtest")
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
+
+
+def test_readme_config_table_lists_every_key():
+    with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
+        example_keys = set(re.findall(r"^#(\w+) = ", f.read(), re.M))
+    documented = {name for names in _readme_table("Configuration") for name in names}
+    assert example_keys - documented == set(), "keys missing from README.md's table"
+    assert documented - example_keys == set(), "README.md documents keys notesd lacks"
+
+
+def test_every_readme_command_is_tested():
+    """Each command of README.md's table is run by some test in this file."""
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    commands = [names[0] for names in _readme_table("Command line")
+                if not names[0].startswith("-")]
+    assert {"start", "stop", "restart", "reload", "status", "run", "check",
+            "configtest"} <= set(commands), commands
+    for command in commands:
+        assert re.search(r'(?:cli|argv)\("%s"' % command, source), command
+    assert '"configtest", "--example"' in source
 
 
 ###############################################################################
@@ -1281,6 +1504,34 @@ def test_html_escapes_note_text(shared):
         assert "<script>alert(1)</script>" not in body, path
 
 
+def _readme_curl_lines():
+    """The curl lines of README.md's ```sh blocks, in order (continuations joined)."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", _readme(), re.M | re.S)
+    lines = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("curl "):
+                lines.append(line.strip())
+    return lines
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_readme_curl_examples_work(daemon):
+    lines = _readme_curl_lines()
+    assert len(lines) >= 5, lines
+    base = daemon.url.rstrip("/")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    for line in lines:
+        assert "http://127.0.0.1:5000/" in line, line
+        command = line.replace("http://127.0.0.1:5000", base).replace(
+            "curl ", "curl --max-time 10 ", 1)
+        # the whole line goes to bash, which drops the trailing '# comment'
+        r = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                           timeout=CLI_TIMEOUT, env=env)
+        assert r.returncode == 0, (line, r.returncode, r.stdout, r.stderr[-2000:])
+    daemon.assert_serving()
+
+
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
@@ -1421,6 +1672,173 @@ def test_no_traceback_in_shared_log(shared):
 
 
 ###############################################################################
+# Request parsing #############################################################
+###############################################################################
+# notesd reads the request line and header section itself (RFC 9112 3, 5);
+# these tests speak raw bytes on one connection and look at what comes back
+# and whether the connection stays open.
+
+
+def read_reply(f):
+    """Read one response from a socket file: (status, headers by lower-case name, body)."""
+    status_line = f.readline(65537)
+    assert status_line.startswith(b"HTTP/1."), status_line
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = f.readline(65537)
+        assert line, "connection closed inside the response head"
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("iso-8859-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = f.read(int(headers.get("content-length", 0)))
+    return status, headers, body
+
+
+def closed_by_server(sock, timeout=5.0):
+    """True if the server closes the connection (EOF) within timeout."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def exchange(port, data, timeout=5.0, closes=False):
+    """Send data, read one response; return (status, headers, body, closed).
+
+    With closes=True, closed says whether the server then closed the
+    connection (waiting up to timeout for it); else it is None.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # the server may answer and close before reading it all (431)
+        with s.makefile("rb") as f:
+            reply = read_reply(f)
+        return reply + (closed_by_server(s, timeout) if closes else None,)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n",  # obs-fold (RFC 9112 5.2)
+    b"GET /health HTTP/1.1\r\nHost: x\r\n X-A: a\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n",         # whitespace in a name
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-A : x\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\n: no name\r\n",
+    b"GET /health\r\n",                                            # two words
+    b"GET /health HTTP/1.1 extra\r\nHost: x\r\n",                 # four words
+    b"GET /health HTTX/1.1\r\nHost: x\r\n",
+], ids=["obs-fold", "obs-fold-first", "space-in-name", "space-before-colon", "no-colon",
+        "no-name", "two-words", "four-words", "not-http"])
+def test_malformed_request_is_400_and_closes(shared, head):
+    status, headers, body, closed = exchange(shared.port, head + b"\r\n", closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert headers.get("connection", "").lower() == "close", headers
+    assert closed, "the server kept the connection open after a 400"
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0"])
+def test_unsupported_http_version_is_505(shared, version):
+    status, headers, body, closed = exchange(shared.port,
+                                             b"GET /health " + version + b"\r\nHost: x\r\n\r\n",
+                                             closes=True)
+    assert_json_error(status, headers, body, 505)
+    assert closed
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("fields,expected", [(100, 200), (101, 431)])
+def test_header_field_count_limit(shared, fields, expected):
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(fields - 1))
+    status, headers, body, closed = exchange(shared.port, head + b"\r\n",
+                                             closes=expected != 200)
+    if expected == 200:
+        assert status == 200, (status, body)
+    else:
+        assert_json_error(status, headers, body, 431)
+        assert closed
+
+
+def test_70000_byte_header_line_is_431(shared):
+    data = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"v" * 70000 + b"\r\n\r\n"
+    status, headers, body, closed = exchange(shared.port, data, closes=True)
+    assert_json_error(status, headers, body, 431)
+    assert closed
+    shared.assert_serving()
+
+
+def test_repeated_header_fields_are_joined(shared):
+    # one field 'text/html, application/json' (RFC 9110 5.3): html ranks as
+    # high as json, so a browser's page; either line alone decides nothing else
+    data = (b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n"
+            b"Accept: application/json\r\n\r\n")
+    status, headers, body, _ = exchange(shared.port, data)
+    assert status == 200, (status, body[:500])
+    assert headers["content-type"].startswith("text/html"), headers
+    data = b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+    status, headers, body, _ = exchange(shared.port, data)
+    assert headers["content-type"].startswith("application/json"), headers
+
+
+def test_double_slash_path_is_normalized(shared):
+    status, headers, body, _ = exchange(shared.port, b"GET //health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200, (status, body)
+    assert json.loads(body)["status"] == "ok"
+
+
+def test_http_1_0_closes_without_keep_alive(shared):
+    status, headers, body, closed = exchange(shared.port, b"GET /health HTTP/1.0\r\n\r\n",
+                                             closes=True)
+    assert status == 200, (status, body)
+    assert headers.get("connection", "").lower() == "close", headers
+    assert closed, "an HTTP/1.0 connection without keep-alive stayed open"
+
+
+def test_http_1_0_keep_alive_serves_a_second_request(shared):
+    request = b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        with s.makefile("rb") as f:
+            s.sendall(request)
+            status, headers, body = read_reply(f)
+            assert status == 200, (status, body)
+            assert "close" not in headers.get("connection", "").lower(), headers
+            s.sendall(request)
+            status, headers, body = read_reply(f)
+            assert status == 200, (status, body)
+
+
+def test_http_1_1_keeps_the_connection_open(shared):
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        with s.makefile("rb") as f:
+            for _ in range(3):
+                s.sendall(request)
+                status, headers, body = read_reply(f)
+                assert status == 200, (status, body)
+                assert "connection" not in headers, headers
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert read_reply(f)[0] == 200
+        assert closed_by_server(s)
+
+
+def test_header_names_are_case_insensitive(shared):
+    text = unique("case")
+    body = json.dumps({"text": text}).encode()
+    data = (b"POST / HTTP/1.1\r\nhOST: x\r\ncontent-TYPE: application/json\r\n"
+            b"CONTENT-LENGTH: %d\r\n\r\n" % len(body)) + body
+    status, headers, reply, _ = exchange(shared.port, data)
+    assert status == 201, (status, reply)
+    assert json.loads(reply)["text"] == text
+
+
+###############################################################################
 # Concurrency & durability ####################################################
 ###############################################################################
 
@@ -1538,6 +1956,62 @@ def test_access_log_no(make_daemon):
     d, marker = _access_log_daemon(make_daemon, "no")
     assert marker not in d.log()
     assert "GET /status" not in d.log()
+
+
+def _post_lines(path):
+    try:
+        with open(path, errors="replace") as f:
+            return sum('"POST / HTTP/1.1" 201' in line for line in f)
+    except FileNotFoundError:
+        return 0
+
+
+def test_log_survives_logrotate_while_serving(make_daemon):
+    """logrotate's create mode: the file is renamed away under a daemon that is
+    writing to it, then postrotate sends SIGUSR1 (as the README's example does
+    with pkill -USR1 -F). No access line may be lost or land in a dead file."""
+    d = make_daemon("--access-log", "yes", "--log-level", "info")
+    pid, rotated = d.pid(), d.logfile + ".1"
+    total, created, failures = 300, [], []
+
+    def client():
+        for i in range(total):
+            try:
+                r = d.post("rotate %d" % i, timeout=10)
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                continue
+            (created if r.status == 201 else failures).append(r)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        wait_until(lambda: len(created) >= 50, 20, d, "50 notes before the rotation")
+        os.rename(d.logfile, rotated)
+        wait_until(lambda: len(created) >= 150, 20, d, "150 notes before SIGUSR1")
+        r = subprocess.run(["pkill", "-USR1", "-F", d.pidfile], capture_output=True,
+                           text=True, timeout=CLI_TIMEOUT)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        wait_until(lambda: "log files reopened" in d.log(), 10, d, "the reopen logged")
+    finally:
+        worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert not failures, failures[:5]
+    assert len(created) == total
+    # the daemon holds no descriptor of the rotated file any more
+    fds = os.listdir("/proc/%d/fd" % pid)
+    targets = []
+    for fd in fds:
+        try:
+            targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+    assert rotated not in targets and d.logfile in targets, targets
+    d.stop()  # every line written and the files closed
+    old, new = _post_lines(rotated), _post_lines(d.logfile)
+    assert old >= 1 and new >= 1, (old, new)
+    assert old + new == len(created), (old, new, len(created))
+    assert "Traceback" not in d.log()
 
 
 ###############################################################################
