@@ -1203,6 +1203,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             head += f"{name}: {value}\r\n"
         if self.close_connection:
             head += "Connection: close\r\n"
+        elif self.request_version == "HTTP/1.0":  # it asked to keep alive: say yes
+            head += "Connection: keep-alive\r\n"
         data = (head + "\r\n").encode("latin-1")
         self.wfile.write(data if self.command == "HEAD" else data + body)
         self.server.loop.responses.append(status)
