@@ -24,7 +24,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -306,10 +305,10 @@ class Notesd:
 
 
 class Bare:
-    def __init__(self, body_file):
+    def __init__(self, body_file, queue=False):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "bare.py"), "--host", "127.0.0.1",
-             "--port", "0", "--body-file", body_file],
+             "--port", "0", "--body-file", body_file] + (["--queue"] if queue else []),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         line = self.proc.stdout.readline() if ready else ""
@@ -542,15 +541,20 @@ def benchmark(cfg, res, meta, tmp, notesd_script):
     meta["bare_headers"] = sorted(bhd)
     log("bare up at %s (pid %d), note body %d bytes" % (bare.url, bare.pid, len(body)))
     bare_url = bare.url + "%s/" % note["id"]
+    # The same bare server with every GET routed through a queue.Queue to its
+    # main thread: the architecture's floor, for the GET rows (informational).
+    floor = Bare(body_file, queue=True)
+    meta["_floor"] = floor
+    floor_url = floor.url + "%s/" % note["id"]
     time.sleep(0.3)
     res.scalar_row("RSS idle (bare.py, reference)", "bare", round(rss_mb(bare.pid), 1), "MB")
 
     # ---- warm up both (not recorded)
-    for url in (note_url, bare_url):
+    for url in (note_url, bare_url, floor_url):
         run_wrk(url, 16, 1)
 
     # ---- GET /ID/ at 1, 16, 64, 256 connections, alternating servers
-    servers = [("notesd", note_url), ("bare", bare_url)]
+    servers = [("notesd", note_url), ("bare", bare_url), ("floor", floor_url)]
     for conns in GET_CONNS:
         wl = "GET /ID/ c=%d" % conns
         for rep in range(reps):
@@ -570,6 +574,9 @@ def benchmark(cfg, res, meta, tmp, notesd_script):
         b = res.wrk_row(wl, "bare")
         res.ratio_row(wl + " ratio", n, b, {1: "ratio_get_1", 16: "ratio_get_16",
                                             64: "ratio_get_64"}.get(conns))
+        f = res.wrk_row(wl, "floor")
+        res.ratio_row(wl + " floor/bare", f, b)
+        res.ratio_row(wl + " notesd/floor", n, f)
 
     # ---- POST / at 16 connections vs bare GET at 16 (alternating)
     lua = os.path.join(tmp, "post.lua")
@@ -591,7 +598,6 @@ def benchmark(cfg, res, meta, tmp, notesd_script):
     n = res.wrk_row("POST / c=16", "notesd")
     b = res.wrk_row("GET /ID/ c=16 (POST ref)", "bare")
     res.ratio_row("POST c=16 / bare GET c=16", n, b, "ratio_post_16")
-    get16_rate = max(r["rps"] for r in res.runs[("GET /ID/ c=16", "notesd")])
 
     # ---- start/stop cycles
     nd.stop()
@@ -749,7 +755,7 @@ def main(argv=None):
         for p in list(WRK_PROCS):
             if p.poll() is None:
                 p.kill()
-        for key in ("_bare", "_notesd"):
+        for key in ("_bare", "_floor", "_notesd"):
             obj = meta.pop(key, None)
             if obj is not None:
                 try:
