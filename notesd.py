@@ -1715,6 +1715,7 @@ class PidFile:
                 raise AlreadyRunning(lock_holder(path)) from None
             raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
         os.ftruncate(fd, 0)  # a stale pid file is ours now
+        os.fchmod(fd, 0o644)  # whatever the umask: monitoring reads it as any user
         os.write(fd, b"%d\n" % os.getpid())
         self.path, self.fd = path, fd
 
@@ -1990,6 +1991,7 @@ def serve(config, readiness, foreground):
         server = ApiServer(config)
         store = Store(config.database)
         with open(url_file(config), "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # as the pid file
             f.write(server.url + "\n")
         _enter_jail(config, logs)
     except (NotesdError, OSError) as e:

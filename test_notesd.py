@@ -501,6 +501,11 @@ def test_default_umask(detached):
 def test_configured_umask(make_daemon):
     d = make_daemon("--umask", "077")
     assert proc_status(d.pid())["Umask"] == "0077"
+    # The database follows the umask; the pid and URL files stay readable by
+    # anyone, so monitoring run as another user can use them.
+    assert os.stat(d.database).st_mode & 0o777 == 0o600
+    for path in (d.pidfile, d.urlfile):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
 
 
 def test_environment_path_is_fixed(detached):
