@@ -382,6 +382,18 @@ def _derive_paths(values):
                          os.path.join(state, "notesd.log"))
     if values["chroot"] and not os.path.isdir(values["chroot"]):
         raise ConfigError(f"key 'chroot' = '{values['chroot']}': not a directory")
+    jail = values["chroot"].rstrip("/") + "/"
+    if values["chroot"] and values["log"] not in ("syslog", "stderr") and \
+            not values["log"].startswith(jail):
+        raise ConfigError(f"key 'log' = '{values['log']}': must be inside chroot "
+                          f"'{values['chroot']}', or the log could not be reopened")
+    files = {key: values[key] for key in ("pidfile", "database", "log")}
+    files["url file beside the pid file"] = os.path.splitext(values["pidfile"])[0] + ".url"
+    seen = {}
+    for key, path in files.items():
+        if path in seen:
+            raise ConfigError(f"key '{key}' and '{seen[path]}' name the same file {path}")
+        seen[path] = key
 
 
 def example_config():
@@ -521,9 +533,12 @@ class Command:
     Any thread makes one and waits on it; the main loop alone completes it.
     The reply path is a single pre-acquired lock that finish() releases: the
     cheapest one-shot signal between threads (no Event, no Queue per request).
+    A second lock, `_claim`, settles who owns the outcome: the main loop
+    claims a command before running it, a waiter that gives up claims it to
+    cancel it. So a client told 503 can retry: its write never runs later.
     """
 
-    __slots__ = ("name", "args", "result", "error", "queued_at", "_done")
+    __slots__ = ("name", "args", "result", "error", "queued_at", "_done", "_claim")
 
     def __init__(self, name, *args):
         self.name = name
@@ -532,6 +547,11 @@ class Command:
         self.queued_at = time.monotonic()
         self._done = threading.Lock()
         self._done.acquire()
+        self._claim = threading.Lock()
+
+    def claim(self):
+        """Main loop only: True if it may run the command (nobody gave up on it)."""
+        return self._claim.acquire(blocking=False)
 
     def finish(self, result=None, error=None):
         """Main loop only."""
@@ -541,7 +561,13 @@ class Command:
     def wait(self, timeout=REPLY_TIMEOUT):
         """Any thread but the main loop: the result, or the error raised."""
         if not self._done.acquire(timeout=timeout):
-            raise _http_error(503, "the main loop did not answer in time", ("Retry-After", "5"))
+            if self._claim.acquire(blocking=False):  # cancelled: it will never run
+                raise _http_error(503, "the main loop did not answer in time; nothing "
+                                  "was changed", ("Retry-After", "5"))
+            # Running already: its verdict comes within sqlite's busy timeout.
+            if not self._done.acquire(timeout=BUSY_TIMEOUT + timeout):
+                raise _http_error(503, "the main loop did not answer in time; the "
+                                  "outcome is unknown", ("Retry-After", "5"))
         if self.error is not None:
             raise self.error
         return self.result
@@ -648,6 +674,7 @@ class MainLoop:
             self.systemd.notify("WATCHDOG=1")
 
     def _batch(self, first):
+        """The first command and what else waits, less those cancelled."""
         batch = [first]
         self._lag_window = max(self._lag_window, time.monotonic() - first.queued_at)
         while len(batch) < MAX_BATCH:
@@ -655,7 +682,7 @@ class MainLoop:
                 batch.append(self.commands.get_nowait())
             except queue.Empty:
                 break
-        return batch
+        return [command for command in batch if command.claim()]
 
     def execute(self, batch):
         """Run a batch; its writes share one transaction, committed (one fsync)
@@ -1040,6 +1067,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         config = self.server.config
+        # A body that no handler reads must not be taken for the next request
+        # on this connection (request smuggling): read_body() clears this, and
+        # respond() closes the connection if it is still set.
+        self.body_unread = (self.headers.get("content-length", "0").strip() not in ("", "0")
+                            or "transfer-encoding" in self.headers)
         try:
             path, _, query = self.path.partition("?")
             self.authorize(config, path)
@@ -1184,6 +1216,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:
             raise ConnectionAbortedError("the client closed the connection mid-body")
+        self.body_unread = False
         return body
 
     def read_text(self):
@@ -1219,6 +1252,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             body, content_type = render_page(self, status, payload, headers), HTML_TYPE
         else:
             body, content_type = json.dumps(payload).encode() + b"\n", JSON_TYPE
+        if getattr(self, "body_unread", False):
+            self.close_connection = True
         head = STATUS_HEADS[status] + f"Date: {http_date()}\r\n"
         if content_type:
             head += f"Content-Type: {content_type}\r\n"
@@ -1599,6 +1634,18 @@ class _RedactToken(logging.Filter):
         return True
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """WatchedFileHandler whose reopening cannot raise into the caller: its
+    emit() reopens a moved file before the try that guards the write, so a
+    log directory gone missing would otherwise take down the main loop."""
+
+    def emit(self, record):
+        try:
+            super().emit(record)
+        except Exception:
+            self.handleError(record)
+
+
 class Logs:
     """The daemon's one log handler: syslog (facility daemon), stderr or a file.
 
@@ -1624,7 +1671,7 @@ class Logs:
             fmt = "notesd[%(process)d]: %(levelname)s %(message)s"
         else:
             try:
-                handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+                handler = _LogFile(target, encoding="utf-8")
             except OSError as e:
                 raise NotesdError(f"cannot open log file {target}: {e.strerror}") from None
             self.path = target
@@ -1643,13 +1690,19 @@ class Logs:
         self.redact.token = config.token
 
     def reopen(self):
-        """SIGUSR1: reopen a log file (after logrotate moved it). Main loop only."""
+        """SIGUSR1: reopen a log file (after logrotate moved it), keeping the
+        old one if the new cannot be opened. Main loop only."""
         handler = self.handler
         if isinstance(handler, logging.FileHandler):
             with handler.lock:
-                if handler.stream:
-                    handler.stream.close()
-                handler.stream = handler._open()
+                try:
+                    stream = handler._open()
+                except OSError as e:
+                    log.error("cannot reopen log file %s: %s", handler.baseFilename, e)
+                    return
+                old, handler.stream = handler.stream, stream
+                if old:
+                    old.close()
 
     def chown(self, uid, gid):
         if self.path:
@@ -1844,14 +1897,17 @@ def daemonize(config):
         os.close(writer)
         os.waitpid(child, 0)  # the intermediate child leaves at once
         return _await_ready(reader, config)
-    code = 1
+    code, readiness = 1, None
     try:
         os.close(reader)
         _new_session()
         _reset_process_state(config.umask, keep={writer})
-        code = serve(config, Readiness(writer), foreground=False)
+        readiness = Readiness(writer)
+        code = serve(config, readiness, foreground=False)
     except BaseException as e:  # whatever happens, never return into the CLI
-        Readiness(writer).failed(f"daemon failed: {e}")
+        if readiness is None:
+            readiness = Readiness(writer)
+        readiness.failed(f"daemon failed: {e}")  # a no-op once it said READY
     finally:
         logging.shutdown()
         os._exit(code)
