@@ -279,10 +279,13 @@ class Config:
         self.overrides = dict(overrides or {})
 
     @classmethod
-    def load(cls, path=None, overrides=None):
+    def load(cls, path=None, overrides=None, root=None):
         """Read `path` (INI, section [notesd]), then apply `overrides` (from the
         command line, which win). Relative paths in the file are relative to
-        the file's directory, on the command line to the current directory."""
+        the file's directory, on the command line to the current directory.
+        `root` picks the default paths (see DEFAULTS); by default, whether we
+        run as root now. A reload passes the first load's: privileges may
+        have been dropped since."""
         raw = {}
         if path:
             path = os.path.abspath(path)
@@ -302,6 +305,7 @@ class Config:
                 base = os.path.dirname(path) if source == path else os.getcwd()
                 values[key] = os.path.join(base, text) if text else ""
         values["_log_explicit"] = bool(raw.get("log") or (overrides or {}).get("log"))
+        values["_root"] = os.geteuid() == 0 if root is None else root
         _derive_paths(values)
         return cls(values, path, overrides)
 
@@ -368,7 +372,7 @@ def _unknown_key(key, source):
 
 def _derive_paths(values):
     """Fill the path defaults that depend on who runs notesd (see DEFAULTS)."""
-    root = os.geteuid() == 0
+    root = values["_root"]
     if not values["state_dir"]:
         values["state_dir"] = ("/var/lib/notesd" if root else
                                os.path.join(os.path.expanduser("~"), ".local/state/notesd"))
@@ -821,7 +825,7 @@ class MainLoop:
         self.systemd.notify("RELOADING=1",
                             f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            new = Config.load(self.config.path, self.config.overrides)
+            new = Config.load(self.config.path, self.config.overrides, self.config._root)
         except NotesdError as e:
             log.error("reload failed, keeping the old configuration: %s", e)
             self.last_reload = {"ok": False, "message": str(e), "at": time.time()}
@@ -927,8 +931,8 @@ ROUTES = [
         "POST": Op("create_note", "Create a note (JSON, form or multipart body)",
                    (201, 400, 411, 413, 415), "NoteText", "Note"),
     }),
-    ("/{id}/", r"/(\d+)/", NOTE_OPS),
-    ("/{id}", r"/(\d+)", NOTE_OPS),
+    ("/{id}/", r"/([0-9]+)/", NOTE_OPS),
+    ("/{id}", r"/([0-9]+)", NOTE_OPS),
     ("/health", r"/health", {
         "GET": Op("health", "Liveness: main loop heartbeat and storage; needs no token",
                   (200, 503), None, "Health"),
@@ -954,6 +958,9 @@ SQLITE_MAX_INT = 2**63 - 1
 #: The limits http.client puts on a header block: longer lines get 431, and
 #: so do more fields.
 MAX_HEADER_LINE, MAX_HEADERS = 65536, 100
+#: A number as HTTP and our query strings write it: ASCII digits only
+#: (str.isdigit() also takes '²', which int() refuses).
+DIGITS = re.compile(r"[0-9]+")
 #: An HTTP/1.x version (RFC 9112 2.3).
 VERSION_RE = re.compile(r"HTTP/1\.(\d)")
 
@@ -1109,6 +1116,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         raise _http_error(404, f"no such resource: {path}")
 
     def authorize(self, config, path):
+        origin = self.headers.get("origin")
+        if origin is not None and self.command not in ("GET", "HEAD", "OPTIONS") and \
+                urllib.parse.urlsplit(origin).netloc != self.headers.get("host"):
+            # A browser sends Origin with every cross-site POST: a web page
+            # must not write to a notesd on the visitor's machine (CSRF).
+            raise _http_error(403, f"cross-origin request from {origin} refused")
         if self.server.public and not config.token and not _is_loopback(self.client_address[0]):
             raise _http_error(403, "protected mode: notesd listens on a public address "
                               "without a token, so it answers loopback clients only. Set "
@@ -1151,8 +1164,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def put_note(self, note_id, query):
         note_id = int(note_id)
-        if note_id > MAX_ID:
-            raise _http_error(400, f"note ids go up to {MAX_ID}")
+        if not 1 <= note_id <= MAX_ID:
+            raise _http_error(400, f"note ids go from 1 to {MAX_ID}")
         text = self.read_text()
         row, created, _ = self.server.loop.submit("put", note_id, text,
                                                   self.headers.get("if-match"))
@@ -1198,21 +1211,24 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     # -- request bodies ----------------------------------------------------
 
-    def read_body(self):
-        """The body, refused from the headers alone when it cannot be taken."""
+    def body_length(self):
+        """The body's length from the headers, or the error that refuses it
+        without reading it (the connection then closes: the body is unread)."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self.close_connection = True
             raise _http_error(411, "chunked bodies are not supported; send Content-Length")
         length = self.headers.get("content-length")
         if length is None:
             raise _http_error(411, "a request body needs a Content-Length header")
-        if not length.strip().isdigit():
-            self.close_connection = True
+        if not DIGITS.fullmatch(length.strip()):
             raise _http_error(400, f"bad Content-Length: {length!r}")
         length, limit = int(length), self.server.config.max_body
         if length > limit:
-            self.close_connection = True  # we will not read what follows
             raise _http_error(413, f"the body is {length} bytes; the limit is {limit}")
+        return length
+
+    def read_body(self):
+        """The body, refused from the headers alone when it cannot be taken."""
+        length = self.body_length()
         body = self.rfile.read(length)
         if len(body) < length:
             raise ConnectionAbortedError("the client closed the connection mid-body")
@@ -1229,7 +1245,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               + ", ".join(BODY_PARSERS))
         try:
             fields = parse(body, content_type)
-        except (ValueError, LookupError, email.errors.MessageError) as e:
+        except (ValueError, LookupError, RecursionError, email.errors.MessageError) as e:
             # UnicodeDecodeError is a ValueError; LookupError is an unknown charset.
             raise _http_error(400, f"malformed body: {e}") from None
         text = fields.get("text")
@@ -1295,6 +1311,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except NotesdError as e:
             self.send_error(e.status, str(e))
             return False
+        if match.group(1) != "0" and "host" not in self.headers:
+            self.send_error(400, "an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
+            return False
         connection = self.headers.get("connection", "").lower()
         self.close_connection = ("close" in connection or
                                  (match.group(1) == "0" and "keep-alive" not in connection))
@@ -1303,13 +1322,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_expect_100(self):
-        # RFC 9110 10.1.1: refuse an oversized body before the client sends it,
-        # rather than invite it with 100 Continue.
-        length = self.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.server.config.max_body:
+        # RFC 9110 10.1.1: refuse a body we would refuse anyway before the
+        # client sends it, rather than invite it with 100 Continue.
+        try:
+            self.body_length()
+        except NotesdError as e:
             self.close_connection = True
-            self.respond(413, {"message": f"the body is {length} bytes; the limit is "
-                                          f"{self.server.config.max_body}"})
+            self.respond(e.status, {"message": str(e)}, e.headers)
             return False
         return super().handle_expect_100()
 
@@ -1380,7 +1399,7 @@ def _int_param(params, name, default, low, high):
     text = params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not DIGITS.fullmatch(text) or not low <= int(text) <= high:
         raise _http_error(400, f"'{name}' must be a whole number from {low} to {high}")
     return int(text)
 
@@ -1405,7 +1424,7 @@ def _prefers_html(accept):
 def _parse_json_object(body, what="the body"):
     try:
         value = json.loads(body.decode("utf-8"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested too deep
         raise _http_error(400, f"malformed JSON in {what}: {e}") from None
     if not isinstance(value, dict):
         raise _http_error(400, f"{what} must be a JSON object")
@@ -1755,6 +1774,26 @@ class PidFile:
     """The daemon's pid file, created and locked for the daemon's whole life."""
 
     def __init__(self, path):
+        for _ in range(10):
+            fd = self._lock(path)
+            # A `stop` may have unlinked the file between our open and our
+            # lock: then the lock guards nothing. Lock the file at the path.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise NotesdError(f"cannot lock pid file {path}: it keeps being replaced")
+        os.ftruncate(fd, 0)  # a stale pid file is ours now
+        os.fchmod(fd, 0o644)  # whatever the umask: monitoring reads it as any user
+        os.write(fd, b"%d\n" % os.getpid())
+        self.path, self.fd = path, fd
+
+    @staticmethod
+    def _lock(path):
         # No O_TRUNC: until we hold the lock, the file may be a live daemon's.
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -1767,10 +1806,7 @@ class PidFile:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 raise AlreadyRunning(lock_holder(path)) from None
             raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
-        os.ftruncate(fd, 0)  # a stale pid file is ours now
-        os.fchmod(fd, 0o644)  # whatever the umask: monitoring reads it as any user
-        os.write(fd, b"%d\n" % os.getpid())
-        self.path, self.fd = path, fd
+        return fd
 
     def remove(self):
         """At exit. May fail after dropping privileges; `stop` then removes it."""
@@ -2035,6 +2071,8 @@ def serve(config, readiness, foreground):
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         pidfile = PidFile(config.pidfile)
     except AlreadyRunning as e:
+        if foreground:  # `run` did not start anything: that is a failure
+            raise NotesdError(str(e)) from None
         readiness.running(str(e))
         return 0
     except (NotesdError, OSError) as e:
@@ -2150,19 +2188,28 @@ def cmd_stop(config, args):
         _remove_leftovers(config)
         print("notesd is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    _signal(pid, signal.SIGTERM)
     if not _wait_for(lambda: not _alive(pid), config.timeout):
         if not args.force:
             print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
                   "(use --force to kill it)", file=sys.stderr)
             return 1
-        os.kill(pid, signal.SIGKILL)
+        _signal(pid, signal.SIGKILL)
         _wait_for(lambda: not _alive(pid), config.timeout)
         print(f"notesd killed, pid {pid}")
     else:
         print(f"notesd stopped, pid {pid}")
     _remove_leftovers(config)
     return 0
+
+
+def _signal(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except PermissionError:
+        # LSB: 4 is "user had insufficient privilege".
+        raise NotesdError(f"not permitted to signal pid {pid}; run as its user or root",
+                          exit_code=4) from None
 
 
 def _remove_leftovers(config):
@@ -2213,7 +2260,7 @@ def cmd_reload(config, args):
         print("notesd is not running", file=sys.stderr)
         return 7
     sent = time.time()
-    os.kill(pid, signal.SIGHUP)
+    _signal(pid, signal.SIGHUP)
     outcome = {}
 
     def reloaded():

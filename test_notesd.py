@@ -839,6 +839,26 @@ def test_run_in_foreground_stops_on_sigterm(tmp_path):
         d.cleanup()
 
 
+def test_run_when_already_running_fails(daemon):
+    r = daemon.cli("run", timeout=CLI_TIMEOUT)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "already running" in r.stderr
+    assert daemon.get("/health").status == 200
+
+
+def test_sigusr1_survives_a_log_that_cannot_be_reopened(make_daemon, tmp_path):
+    """SIGUSR1 after the log's directory went away: the daemon keeps serving."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    d = make_daemon("--log", str(logdir / "notesd.log"))
+    os.rename(str(logdir), str(tmp_path / "logs.gone"))
+    os.kill(d.pid(), signal.SIGUSR1)
+    for i in range(3):  # each write finds the file moved and fails to reopen it
+        assert d.post("after-%d" % i).status == 201
+    assert d.get("/health").status == 200
+    assert alive(d.pid())
+
+
 class NotifyListener:
     """Our end of sd_notify(3): an AF_UNIX datagram socket, read by a thread.
 
@@ -988,6 +1008,18 @@ def test_configtest_bad_value(tmp_path, key, value, where):
         r = d.cli("configtest", *option)
     assert r.returncode == 6, (r.stdout, r.stderr)
     assert key in r.stderr and value in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("extra", [
+    ("--pidfile", "{dir}/notesd.url"),          # the url file would be the pid file
+    ("--database", "{dir}/notesd.pid"),
+    ("--chroot", "{dir}/jail", "--log", "{dir}/outside.log"),
+], ids=["pidfile-is-url-file", "database-is-pidfile", "log-outside-chroot"])
+def test_configtest_refuses_paths_that_collide(tmp_path, extra):
+    (tmp_path / "jail").mkdir()
+    d = Daemon(tmp_path)
+    r = d.cli("configtest", *[part.format(dir=tmp_path) for part in extra])
+    assert r.returncode == 6, (r.stdout, r.stderr)
 
 
 def test_config_file_bad_value_names_file_key_value(tmp_path):
@@ -1846,6 +1878,66 @@ def test_header_names_are_case_insensitive(shared):
 ###############################################################################
 # Concurrency & durability ####################################################
 ###############################################################################
+
+
+def test_unread_body_is_not_taken_for_a_request(shared):
+    """A refused request's body must not run as the next request (smuggling)."""
+    hidden = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 20\r\n\r\n" + b'{"text": "smuggled"}')
+    before = shared.get("/status").json()["notes"]
+    for head in (b"POST /status HTTP/1.1\r\n", b"PUT /99999999999999999999/ HTTP/1.1\r\n",
+                 b"GET /health HTTP/1.1\r\n"):
+        request = head + b"Host: x\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden
+        status, headers, body, closed = exchange(shared.port, request, closes=True)
+        assert status in (200, 400, 405), (head, status, body)
+        assert closed, "the connection stayed open after an unread body: %r" % head
+    assert shared.get("/status").json()["notes"] == before
+    r = shared.get("/?q=smuggled")
+    assert r.json() == [], r
+
+
+def test_http_1_1_without_host_is_400(shared):
+    status, headers, body, closed = exchange(shared.port, b"GET /health HTTP/1.1\r\n\r\n",
+                                             closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert b"Host" in body and closed
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /?limit=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: \xb2\r\n\r\n",
+], ids=["limit", "content-length", "expect"])
+def test_unicode_digits_are_not_numbers(shared, request_bytes):
+    """str.isdigit() takes '\u00b2'; int() does not: a 400, never a 500."""
+    status, headers, body, _ = exchange(shared.port, request_bytes)
+    assert_json_error(status, headers, body, 400)
+    shared.assert_serving()
+
+
+def test_deeply_nested_json_is_400(shared):
+    r = shared.request("POST", "/", b"[" * 200000, {"Content-Type": "application/json"})
+    assert_error(r, 400)
+    shared.assert_serving()
+
+
+def test_put_note_zero_is_400(shared):
+    assert_error(request(shared.url, "PUT", "/0/", {"text": "zero"}), 400)
+    assert shared.get("/0/").status == 404
+
+
+def test_cross_origin_write_is_refused(shared):
+    """A web page's form POST carries Origin; only the daemon's own origin may write."""
+    evil = request(shared.url, "POST", "/", "text=csrf",
+                   {"Content-Type": "application/x-www-form-urlencoded",
+                    "Origin": "http://evil.example"})
+    assert_error(evil, 403)
+    host = urllib.parse.urlsplit(shared.url).netloc
+    own = request(shared.url, "POST", "/", "text=same-origin",
+                  {"Content-Type": "application/x-www-form-urlencoded",
+                   "Origin": "http://" + host})
+    assert own.status == 201, own
+    assert shared.get("/?q=csrf").json() == []
 
 
 def test_concurrent_writers(daemon):
