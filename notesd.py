@@ -691,7 +691,7 @@ class MainLoop:
     def execute(self, batch):
         """Run a batch; its writes share one transaction, committed (one fsync)
         before any reply goes out, so every acknowledged write is durable."""
-        pending = []  # write commands in the open transaction
+        pending = []  # commands that ran in the open transaction: saved only by its COMMIT
         delta = 0     # their change to the note count, applied on commit
         for commands, run in self._steps(batch):
             try:
@@ -715,8 +715,9 @@ class MainLoop:
                 for command, result in zip(commands, results):
                     command.result = result
                     if command.name in self.WRITES:
-                        pending.append(command)
                         delta += result[2]
+                    if self.store.db.in_transaction:  # a read may have seen the writes
+                        pending.append(command)
         if self.store.db.in_transaction:  # also after writes that were refused
             try:
                 self.store.commit()
@@ -743,11 +744,11 @@ class MainLoop:
                 yield [command], lambda handler=handler, args=command.args: [handler(*args)]
 
     def _abort(self, pending):
-        """Roll back the open transaction and fail the writes that were in it."""
+        """Roll back the open transaction and fail the commands that ran in it."""
         self.store.rollback()
         for command in pending:
             command.result = None
-            command.error = _http_error(503, "storage error: the write was not saved",
+            command.error = _http_error(503, "storage error: rolled back, nothing was saved",
                                         ("Retry-After", "5"))
 
     def _count_responses(self):
