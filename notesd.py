@@ -1476,11 +1476,11 @@ h1{font-size:1.3em}h1 a{color:inherit;text-decoration:none}
 pre{background:#f6f6f4;border:1px solid #ddd;padding:.8em;overflow:auto;white-space:pre-wrap}
 .req{font-family:monospace;font-size:1.05em}.s2{color:#185}.s4,.s5{color:#b22}
 form{margin:1em 0;padding:.8em;border:1px solid #ddd}textarea{width:100%;min-height:5em}
-nav a{margin-right:1em}
+nav a{margin-right:1em}#out:empty{display:none}
 </style></head><body>
 <h1><a href="/">notesd</a> $version</h1>
-<nav><a href="/">notes</a><a href="/status">status</a><a href="/health">health</a>
-<a href="/config">config</a><a href="/openapi.json">openapi.json</a></nav>
+<nav><a href="/">notes</a><a href="/status">status</a><a href="/health">health</a><a
+href="/config">config</a><a href="/openapi.json">openapi.json</a></nav>
 <p class="req">$method $target</p>
 <pre class="s$cls">HTTP/1.1 $status $phrase
 $headers</pre>
