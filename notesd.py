@@ -168,22 +168,16 @@ def _parse_positive(kind, low, high):
     return parse
 
 
-def _parse_user(text):
-    if text:
-        try:
-            pwd.getpwnam(text)
-        except KeyError:
-            raise ValueError("no such user on this system") from None
-    return text
-
-
-def _parse_group(text):
-    if text:
-        try:
-            grp.getgrnam(text)
-        except KeyError:
-            raise ValueError("no such group on this system") from None
-    return text
+def _parse_account(lookup, what):
+    """A parser for the name of a user or group that must exist here."""
+    def parse(text):
+        if text:
+            try:
+                lookup(text)
+            except KeyError:
+                raise ValueError(f"no such {what} on this system") from None
+        return text
+    return parse
 
 
 def _parse_token(text):
@@ -216,8 +210,10 @@ DEFAULTS = {
     "syslog_address": Option("/dev/log", _parse_path, False, "unix socket of the syslog daemon"),
     "access_log": Option("yes", _parse_bool, True, "log one line per HTTP request (yes/no)"),
     "umask": Option("027", _parse_umask, False, "file mode creation mask of the daemon (octal)"),
-    "user": Option("", _parse_user, False, "drop privileges to this user after binding"),
-    "group": Option("", _parse_group, False, "and to this group (default: the user's)"),
+    "user": Option("", _parse_account(pwd.getpwnam, "user"), False,
+                   "drop privileges to this user after binding"),
+    "group": Option("", _parse_account(grp.getgrnam, "group"), False,
+                    "and to this group (default: the user's)"),
     "chroot": Option("", _parse_path, False, "chroot into this directory after opening files"),
     "token": Option("", _parse_token, True,
                     "if set, every request but /health needs 'Authorization: Bearer TOKEN'"),
