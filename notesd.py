@@ -1764,7 +1764,6 @@ def lock_holder(path):
 class AlreadyRunning(NotesdError):
     def __init__(self, pid):
         super().__init__(f"notesd is already running, pid {pid}", exit_code=0)
-        self.pid = pid
 
 
 class PidFile:
