@@ -1532,7 +1532,9 @@ def render_page(handler, status, payload, headers):
     elif status < 400 and isinstance(payload, dict) and "text" in payload:
         forms = string.Template(FORMS["note"]).substitute(
             url=html.escape(path), text=html.escape(payload["text"]))
-    shown = [("Content-Type", JSON_TYPE), *headers]
+    # The headers the JSON answer carries (its length aside).
+    shown = [("Server", handler.server_version), ("Date", http_date()),
+             ("Content-Type", JSON_TYPE), *headers]
     return PAGE.substitute(
         version=__version__, method=html.escape(handler.command), path=html.escape(path),
         target=html.escape(handler.path), status=status, phrase=_phrase(status),
