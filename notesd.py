@@ -225,6 +225,8 @@ DEFAULTS = {
                          "commands waiting for the main loop before requests get 503"),
 }
 LIVE_KEYS = frozenset(k for k, o in DEFAULTS.items() if o.live)
+#: values of `log` that name no file.
+LOG_TARGETS = ("syslog", "stderr")
 PATH_KEYS = ("state_dir", "pidfile", "database", "chroot", "syslog_address")
 
 ###############################################################################
@@ -297,7 +299,7 @@ class Config:
             if overrides and overrides.get(key) is not None:
                 source, text = "the command line", overrides[key]
             values[key] = _validate(key, text, source)
-            if key in PATH_KEYS or (key == "log" and text not in ("", "syslog", "stderr")):
+            if key in PATH_KEYS or (key == "log" and text not in ("", *LOG_TARGETS)):
                 base = os.path.dirname(path) if source == path else os.getcwd()
                 values[key] = os.path.join(base, text) if text else ""
         values["_log_explicit"] = bool(raw.get("log") or (overrides or {}).get("log"))
@@ -383,12 +385,12 @@ def _derive_paths(values):
     if values["chroot"] and not os.path.isdir(values["chroot"]):
         raise ConfigError(f"key 'chroot' = '{values['chroot']}': not a directory")
     jail = values["chroot"].rstrip("/") + "/"
-    if values["chroot"] and values["log"] not in ("syslog", "stderr") and \
+    if values["chroot"] and values["log"] not in LOG_TARGETS and \
             not values["log"].startswith(jail):
         raise ConfigError(f"key 'log' = '{values['log']}': must be inside chroot "
                           f"'{values['chroot']}', or the log could not be reopened")
     files = {key: values[key] for key in ("pidfile", "database", "log")}
-    files["url file beside the pid file"] = os.path.splitext(values["pidfile"])[0] + ".url"
+    files["url file beside the pid file"] = url_file(values["pidfile"])
     seen = {}
     for key, path in files.items():
         if path in seen:
@@ -1807,18 +1809,20 @@ class PidFile:
         return fd
 
     def remove(self):
-        """At exit. May fail after dropping privileges; `stop` then removes it."""
+        """At exit: the pid file and the URL file beside it. May fail after
+        dropping privileges; `stop` then removes them."""
+        _remove(url_file(self.path))
         _remove(self.path)
 
 
-def url_file(config):
+def url_file(pidfile):
     """Where the daemon writes the URL it really serves: beside the pid file."""
-    return os.path.splitext(config.pidfile)[0] + ".url"
+    return os.path.splitext(pidfile)[0] + ".url"
 
 
 def read_url(config):
     try:
-        with open(url_file(config)) as f:
+        with open(url_file(config.pidfile)) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -2082,14 +2086,13 @@ def serve(config, readiness, foreground):
         logs = Logs(config, foreground)
         server = ApiServer(config)
         store = Store(config.database)
-        with open(url_file(config), "w") as f:
+        with open(url_file(config.pidfile), "w") as f:
             os.fchmod(f.fileno(), 0o644)  # as the pid file
             f.write(server.url + "\n")
         _enter_jail(config, logs)
     except (NotesdError, OSError) as e:
         log.error("cannot start: %s", _reason(e))
         readiness.failed(_reason(e))
-        _remove(url_file(config))
         pidfile.remove()
         return 1
     loop = MainLoop(config, commands, store, logs, readiness.systemd)
@@ -2105,7 +2108,7 @@ def serve(config, readiness, foreground):
         log.exception("main loop failed")
         code = 1
     finally:
-        _shut_down(config, server, loop, store, pidfile)
+        _shut_down(server, loop, store, pidfile)
     return code
 
 
@@ -2149,16 +2152,16 @@ def _enter_jail(config, logs):
                 raise NotesdError("privileges were not dropped: could become root again")
 
 
-def _shut_down(config, server, loop, store, pidfile):
+def _shut_down(server, loop, store, pidfile):
     """TERM/INT: stop accepting, finish requests in flight, close storage,
     remove the pid file. Main thread only."""
     server.shutdown()      # serve_forever returns: no new connections
     loop.drain()           # what requests in flight queued, then 503s
     server.server_close()
     store.close()
-    _remove(url_file(config))
     pidfile.remove()
     log.info("stopped")
+
 
 ###############################################################################
 # CLI #########################################################################
@@ -2215,7 +2218,7 @@ def _remove_leftovers(config):
     chroot, or killed), once nobody holds the lock."""
     if os.path.exists(config.pidfile) and not lock_holder(config.pidfile):
         _remove(config.pidfile)
-        _remove(url_file(config))
+        _remove(url_file(config.pidfile))
 
 
 def cmd_restart(config, args):
