@@ -948,7 +948,9 @@ ROUTES = [
         "GET": Op("openapi", "This document", (200,), None, None),
     }),
 ]
-ROUTE_TABLE = [(re.compile(regex), methods) for _, regex, methods in ROUTES]
+#: What the handler matches: (pattern, {method: Op}, the Allow header's value).
+ROUTE_TABLE = [(re.compile(regex), methods, ", ".join(sorted({"HEAD", "OPTIONS", *methods})))
+               for _, regex, methods in ROUTES]
 
 #: A Host header we are willing to echo into URLs (RFC 9110 7.2; RFC 3986 3.2.2).
 HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -1101,10 +1103,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
 
     def route(self, path):
-        for pattern, methods in ROUTE_TABLE:
+        for pattern, methods, allow in ROUTE_TABLE:
             match = pattern.fullmatch(path)
             if match:
-                allow = ", ".join(sorted({"HEAD", "OPTIONS", *methods}))
                 method = "GET" if self.command == "HEAD" else self.command
                 if method == "OPTIONS":
                     return (lambda query: (204, None, [("Allow", allow)])), ()
