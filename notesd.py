@@ -29,7 +29,8 @@ Exit code 2 is a usage error.
 
 Sections:
     Constants & defaults, Errors, Config, Storage, Main loop, HTTP API,
-    Browsable HTML & OpenAPI, Logging, Process control, Daemonizer, CLI, main()
+    Browsable HTML & OpenAPI, Files root touches, Logging, Process control,
+    Daemonizer, CLI, main()
 """
 
 __version__ = "1.0.0"
@@ -37,6 +38,7 @@ __version__ = "1.0.0"
 import argparse
 import collections
 import configparser
+import contextlib
 import datetime
 import email.errors
 import email.parser
@@ -64,6 +66,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import stat
 import string
 import struct
 import sys
@@ -220,14 +223,19 @@ DEFAULTS = {
     "max_body": Option("1048576", _parse_positive(int, 0, 2**31), True,
                        "largest request body in bytes (413 above)"),
     "timeout": Option("10", _parse_positive(float, 0.01, 3600.0), True,
-                      "seconds a connection may idle or stall; also how long stop and check wait"),
+                      "seconds a connection may idle or stall; also how long stop, reload "
+                      "and check wait"),
     "queue_size": Option("10000", _parse_positive(int, 1, 10**6), False,
                          "commands waiting for the main loop before requests get 503"),
 }
 LIVE_KEYS = frozenset(k for k, o in DEFAULTS.items() if o.live)
+#: the keys that say where a running daemon's pid file is.
+LOCATING_KEYS = frozenset({"state_dir", "pidfile"})
 #: values of `log` that name no file.
 LOG_TARGETS = ("syslog", "stderr")
 PATH_KEYS = ("state_dir", "pidfile", "database", "chroot", "syslog_address")
+#: the keys whose empty default is worked out at load time (_derive_paths).
+DERIVED_KEYS = ("state_dir", "pidfile", "database", "log")
 
 ###############################################################################
 # Errors ######################################################################
@@ -275,22 +283,32 @@ class Config:
         self.__dict__.update(values)  # plain attributes: read on every request
         self.path = path
         self.overrides = dict(overrides or {})
+        self.warnings = []  # what a lenient load() passed over
 
     @classmethod
-    def load(cls, path=None, overrides=None, root=None):
+    def load(cls, path=None, overrides=None, root=None, lenient=False):
         """Read `path` (INI, section [notesd]), then apply `overrides` (from the
         command line, which win). Relative paths in the file are relative to
         the file's directory, on the command line to the current directory.
         `root` picks the default paths (see DEFAULTS); by default, whether we
         run as root now. A reload passes the first load's: privileges may
-        have been dropped since."""
-        raw = {}
+        have been dropped since.
+
+        `lenient` is for the commands that only find and control a running
+        daemon (status, stop, check): a typo in a key they do not need must
+        not keep an operator from stopping it. A bad or unknown key then
+        takes its default and is listed in `warnings`; only the keys that
+        locate the daemon (LOCATING_KEYS) must be valid."""
+        raw, warnings = {}, []
         if path:
             path = os.path.abspath(path)
             raw = _read_ini(path)
-        for key in raw:
+        for key in list(raw):
             if key not in DEFAULTS:
-                raise _unknown_key(key, path)
+                if not lenient:
+                    raise _unknown_key(key, path)
+                warnings.append(str(_unknown_key(key, path)) + "; ignored")
+                del raw[key]
         values = {}
         for key, option in DEFAULTS.items():
             source, text = "default", option.default
@@ -298,14 +316,23 @@ class Config:
                 source, text = path, raw[key]
             if overrides and overrides.get(key) is not None:
                 source, text = "the command line", overrides[key]
-            values[key] = _validate(key, text, source)
+            try:
+                values[key] = _validate(key, text, source)
+            except ConfigError as e:
+                if not lenient or key in LOCATING_KEYS:
+                    raise
+                warnings.append(f"{e}; using the default, {option.default or '(derived)'}")
+                source, text = "default", option.default
+                values[key] = _validate(key, text, source)
             if key in PATH_KEYS or (key == "log" and text not in ("", *LOG_TARGETS)):
                 base = os.path.dirname(path) if source == path else os.getcwd()
                 values[key] = os.path.join(base, text) if text else ""
         values["_log_explicit"] = bool(raw.get("log") or (overrides or {}).get("log"))
         values["_root"] = os.geteuid() == 0 if root is None else root
         _derive_paths(values)
-        return cls(values, path, overrides)
+        config = cls(values, path, overrides)
+        config.warnings = warnings
+        return config
 
     def replace(self, changes, source="PATCH /config"):
         """A new Config with `changes` ({key: text}) validated and applied."""
@@ -313,6 +340,12 @@ class Config:
         for key, text in changes.items():
             values[key] = _validate(key, text, source)
         return Config(values, self.path, self.overrides)
+
+    def argv(self):
+        """Command-line arguments that load this configuration again."""
+        args = ["-c", self.path] if self.path else []
+        return args + [f"--{key.replace('_', '-')}={text}"
+                       for key, text in self.overrides.items() if text is not None]
 
     def changed(self, other):
         """Keys whose values differ between self and other."""
@@ -361,7 +394,8 @@ def _validate(key, text, source):
     try:
         return DEFAULTS[key].parse(text.strip())
     except ValueError as e:
-        raise ConfigError(f"{source}: key '{key}' = '{text}': {e}") from None
+        shown = "***" if key == "token" else text  # a near-miss token is still a secret
+        raise ConfigError(f"{source}: key '{key}' = '{shown}': {e}") from None
 
 
 def _unknown_key(key, source):
@@ -372,8 +406,10 @@ def _derive_paths(values):
     """Fill the path defaults that depend on who runs notesd (see DEFAULTS)."""
     root = values["_root"]
     if not values["state_dir"]:
+        # The passwd entry's home, not $HOME: cron may run us with HOME=/.
+        home = pwd.getpwuid(os.geteuid()).pw_dir
         values["state_dir"] = ("/var/lib/notesd" if root else
-                               os.path.join(os.path.expanduser("~"), ".local/state/notesd"))
+                               os.path.join(home, ".local/state/notesd"))
     state = values["state_dir"]
     if not values["pidfile"]:
         values["pidfile"] = "/run/notesd.pid" if root else os.path.join(state, "notesd.pid")
@@ -1188,6 +1224,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         age = time.monotonic() - loop.heartbeat
         body = {"status": "ok", "heartbeat_age": round(age, 3),
                 "loop_lag_ms": round(loop.lag * 1000, 3), "queue_depth": loop.commands.qsize()}
+        last = loop.last_reload
+        if last:  # the verdict for `reload`, whatever token the daemon kept;
+            # the message (which may quote the file) only in /status
+            body["last_reload"] = {"ok": last["ok"], "at": last["at"]}
         problem = ("notesd is shutting down" if loop.closing or loop.stopping else
                    f"main loop stuck: no heartbeat for {age:.1f}s" if age > HEARTBEAT_STALE else
                    "storage does not answer" if not loop.storage_ok else None)
@@ -1562,7 +1602,9 @@ SCHEMAS = {
                               "message": {"type": "string"},
                               "heartbeat_age": {"type": "number"},
                               "loop_lag_ms": {"type": "number"},
-                              "queue_depth": {"type": "integer"}}},
+                              "queue_depth": {"type": "integer"},
+                              "last_reload": {"type": "object", "properties": {
+                                  "ok": {"type": "boolean"}, "at": {"type": "number"}}}}},
     "Status": {"type": "object", "required": ["pid", "version", "uptime", "notes"],
                "properties": {k: {} for k in (
                    "pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
@@ -1638,6 +1680,120 @@ def openapi_document():
     }
 
 ###############################################################################
+# Files root touches ##########################################################
+###############################################################################
+# Every file notesd creates or writes, maybe as root, is opened by
+# open_safely(), as every file postfix touches as root goes through one
+# safe_open() (src/util/safe_open.c): one rule, in one place. The attacker is
+# a local user who can write a directory on the way: the daemon's own user
+# owns state_dir, and a pid file may sit in a shared directory such as /tmp.
+
+
+#: Who the daemon becomes when it drops root (keys `user` and `group`).
+Account = collections.namedtuple("Account", "name uid gid groups")
+
+
+def daemon_account(config):
+    """The Account that keys `user` and `group` name, or None when neither is
+    set. Reads /etc/passwd and /etc/group now: after chroot they may be gone."""
+    if not (config.user or config.group):
+        return None
+    try:
+        user = pwd.getpwnam(config.user) if config.user else None
+        gid = grp.getgrnam(config.group).gr_gid if config.group else (
+            user.pw_gid if user else os.getgid())
+    except KeyError as e:  # removed since the configuration was checked
+        raise NotesdError(f"no such user or group: {e}") from None
+    groups = os.getgrouplist(user.pw_name, gid) if user else [gid]
+    return Account(config.user or None, user.pw_uid if user else os.getuid(), gid, groups)
+
+
+@contextlib.contextmanager
+def acting_as(account):
+    """Root opens files as the daemon's user (effective ids only, given back
+    on exit): the kernel then checks each access, symbolic links that sqlite
+    follows included, as that user's own, and the files it creates are his.
+    Main thread, before any HTTP thread runs."""
+    if account is None or os.geteuid() != 0:
+        yield
+        return
+    groups, gid = os.getgroups(), os.getegid()
+    os.setgroups(account.groups)
+    os.setegid(account.gid)
+    os.seteuid(account.uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(gid)
+        os.setgroups(groups)
+
+
+def open_safely(path, flags, mode=0o600):
+    """os.open(path, flags, mode) for a file that must be what its name says.
+
+    Refuses, with a NotesdError that names the path:
+      - a symbolic link (O_NOFOLLOW): the directory's owner could point it at
+        /etc/shadow, and root would truncate, chown or append to that;
+      - anything but a regular file: a FIFO would block us for ever (so the
+        open itself is O_NONBLOCK until checked), a device would be written;
+      - a file with a second hard link: another name for someone else's file.
+    Exit code 4 (LSB: insufficient privilege) when we may not open it at all.
+    Returns a blocking, close-on-exec descriptor; any thread."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotesdError(f"{path} is a symbolic link; refusing to follow it") from None
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise NotesdError(f"cannot open {path}: {e.strerror}",
+                          exit_code=4 if isinstance(e, PermissionError) else 1) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotesdError(f"{path} is not a regular file; refusing to use it")
+        if st.st_nlink > 1:
+            raise NotesdError(f"{path} has {st.st_nlink} hard links; refusing to use it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_directory(path, trusted, file_stat=None):
+    """Refuse to keep a file root writes in a directory that somebody else
+    may write: he could swap the file for his own between two runs. `trusted`
+    is an Account or None for root and us alone; its owner must be trusted,
+    and group and others may not write it, unless the group is trusted or the
+    directory is sticky (/tmp) and `file_stat`, the file we opened, is ours:
+    nobody else may then rename or remove it. So systemd treats a PIDFile= in
+    a directory that an unprivileged user can write."""
+    directory = os.path.dirname(path) or "."
+    st = os.stat(directory)
+    uids, gids = {0, os.geteuid()}, {0, os.getegid()}
+    if trusted:
+        uids, gids = uids | {trusted.uid}, gids | {trusted.gid}
+    who = " or ".join(sorted({_user_name(uid) for uid in uids}))
+    shared = (st.st_uid not in uids or st.st_mode & stat.S_IWOTH or
+              (st.st_mode & stat.S_IWGRP and st.st_gid not in gids))
+    if shared and not (st.st_mode & stat.S_ISVTX and file_stat is not None and
+                       file_stat.st_uid == os.geteuid()):
+        raise NotesdError(
+            f"{path}: its directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}, owner "
+            f"{_user_name(st.st_uid)}) may be written by others, who could replace the "
+            f"file; use a directory that only {who} can write")
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+###############################################################################
 # Logging #####################################################################
 ###############################################################################
 
@@ -1656,9 +1812,14 @@ class _RedactToken(logging.Filter):
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
-    """WatchedFileHandler whose reopening cannot raise into the caller: its
+    """WatchedFileHandler that opens its file with open_safely(), at start and
+    at every reopen, and whose reopening cannot raise into the caller: its
     emit() reopens a moved file before the try that guards the write, so a
     log directory gone missing would otherwise take down the main loop."""
+
+    def _open(self):
+        fd = open_safely(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record):
         try:
@@ -1693,7 +1854,7 @@ class Logs:
         else:
             try:
                 handler = _LogFile(target, encoding="utf-8")
-            except OSError as e:
+            except OSError as e:  # open_safely's own refusals carry the path already
                 raise NotesdError(f"cannot open log file {target}: {e.strerror}") from None
             self.path = target
             fmt = "%(asctime)s notesd[%(process)d] %(levelname)s %(message)s"
@@ -1718,16 +1879,18 @@ class Logs:
             with handler.lock:
                 try:
                     stream = handler._open()
-                except OSError as e:
+                except (OSError, NotesdError) as e:
                     log.error("cannot reopen log file %s: %s", handler.baseFilename, e)
                     return
                 old, handler.stream = handler.stream, stream
                 if old:
                     old.close()
 
-    def chown(self, uid, gid):
-        if self.path:
-            os.chown(self.path, uid, gid)
+    def hand_to(self, account):
+        """Give a log file to the daemon's user, so that it can reopen it:
+        through the descriptor, never the path (which may have changed)."""
+        if self.path and account:
+            os.fchown(self.handler.stream.fileno(), account.uid, account.gid)
 
     def chroot(self, root):
         """After chroot(2) the log's path is relative to the new root, if inside it."""
@@ -1743,32 +1906,111 @@ class Logs:
 # holder's pid without taking the lock (APUE 14.3, lock_test), so `stop` never
 # signals a pid read from a stale file. POSIX locks drop when the process
 # closes any descriptor of the file: the daemon opens its pid file only once.
+#
+# A lock alone proves nothing, though: anybody who can read a pid file can
+# lock it. An open file description lock (F_OFD_SETLK) even reads back as
+# pid -1, and kill(-1, SIGTERM) as root ends every process on the machine.
+# So the CLI signals only a pid that running_pid() has tied to the file.
 
 #: struct flock, by platform: (struct format, field names).
 FLOCK = (("hhqqi4x", ("type", "whence", "start", "len", "pid"))
          if sys.platform.startswith("linux") else
          ("qqihh", ("start", "len", "pid", "type", "whence")))
+#: seconds a daemon that holds the lock may take to write its pid into the
+#: file (between lockf() and write() in PidFile: microseconds, in practice).
+PID_WRITE_GRACE = 1.0
 
 
-def lock_holder(path):
-    """The pid of the process holding `path` locked, or None. Never takes the lock."""
+def _lock_owner(fd):
+    """The pid that holds a lock on the open file `fd` (-1: an OFD lock), or None."""
+    fmt, names = FLOCK
+    query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
+    answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
+    result = dict(zip(names, struct.unpack(fmt, answer)))
+    return None if result["type"] == fcntl.F_UNLCK else result["pid"]
+
+
+def running_pid(path):
+    """The pid of the notesd that owns the pid file `path`, or None when no
+    process holds its lock. Never takes the lock.
+
+    The holder counts as that notesd only if it is a real process (pid > 1),
+    the file holds its pid (the daemon writes it after locking; an attacker
+    cannot write a root daemon's file) and, where /proc lets us look, it has
+    the file open. Anything else holding the lock raises a NotesdError that
+    names it: it is not notesd, and nothing may signal it for notesd."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_safely(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        fmt, names = FLOCK
-        query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
-        result = dict(zip(names, struct.unpack(fmt, answer)))
-        return None if result["type"] == fcntl.F_UNLCK else result["pid"]
+        deadline = time.monotonic() + PID_WRITE_GRACE
+        while True:
+            pid = _lock_owner(fd)
+            if pid is None:
+                return None
+            if pid > 1 and _file_names(fd, pid) and _holds_open(pid, os.fstat(fd)):
+                return pid
+            if time.monotonic() >= deadline:
+                raise NotesdError(f"the pid file {path} is locked by {_describe(pid)}, "
+                                  "which is not the notesd that wrote it")
+            time.sleep(POLL)
     finally:
         os.close(fd)
 
 
+def _file_names(fd, pid):
+    """Does the pid file say `pid`?"""
+    return os.pread(fd, 32, 0).strip() == str(pid).encode()
+
+
+def _holds_open(pid, file_stat):
+    """Has process `pid` the file open? True when /proc will not tell us
+    (another user's daemon, or one that dropped root and so is no longer
+    dumpable): the pid file's content must then do, and we could not
+    signal that process anyway, unless it runs as our own user."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.path.samestat(os.stat(f"/proc/{pid}/fd/{fd}"), file_stat):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _describe(pid):
+    """A process holding a lock, for a message: pid and command line."""
+    if pid <= 0:
+        return "an open file description lock of some other process"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    return f"pid {pid}" + (f" ({command})" if command else "")
+
+
 class AlreadyRunning(NotesdError):
     def __init__(self, pid):
-        super().__init__(f"notesd is already running, pid {pid}", exit_code=0)
+        super().__init__(f"already running, pid {pid}", exit_code=0)
+
+
+def _open_public(path):
+    """Open (or create) a file that root writes for all to read, the pid file
+    and the URL file: open_safely(), in a directory nobody else can write."""
+    fd = open_safely(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        check_directory(path, None, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class PidFile:
@@ -1796,16 +2038,13 @@ class PidFile:
     @staticmethod
     def _lock(path):
         # No O_TRUNC: until we hold the lock, the file may be a live daemon's.
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise NotesdError(f"cannot open pid file {path}: {e.strerror}") from None
+        fd = _open_public(path)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise AlreadyRunning(lock_holder(path)) from None
+                raise AlreadyRunning(running_pid(path)) from None
             raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
         return fd
 
@@ -1821,12 +2060,23 @@ def url_file(pidfile):
     return os.path.splitext(pidfile)[0] + ".url"
 
 
+def write_url(pidfile, url):
+    fd = _open_public(url_file(pidfile))
+    try:
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o644)  # as the pid file
+        os.write(fd, url.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 def read_url(config):
     try:
-        with open(url_file(config.pidfile)) as f:
-            return f.read().strip()
-    except OSError:
+        fd = open_safely(url_file(config.pidfile), os.O_RDONLY)
+    except (OSError, NotesdError):
         return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(4096).decode(errors="replace").strip() or None
 
 
 def _remove(path):
@@ -1900,31 +2150,36 @@ class SystemdNotifier:
 ###############################################################################
 # `start` runs these steps in order (APUE 13.3 "Coding Rules"; systemd's
 # daemon(7), "SysV Daemons"). 1-2 happen in cmd_start, 3-5 in daemonize(),
-# 6-9 in serve(), which `run` calls directly in the foreground.
+# 6-8 in serve(), which `run` calls directly in the foreground.
 #   1. validate the config, make every path absolute (Config.load)
-#   2. exit 0 if the pid file is locked by a running notesd; else re-execute
-#      with a clean environment and a safe PATH
+#   2. exit 0 if the pid file is locked by a running notesd (1 if by something
+#      else); else re-execute `start` with a clean environment and a safe PATH
 #   3. readiness pipe, fork: the original process waits for the verdict
 #   4. setsid, fork again: never a session leader, so never a controlling tty
-#   5. umask, chdir /, signals reset, close fds, stdio on /dev/null, no core dumps
-#   6. pid file: lock, then write
-#   7. bind and open storage while privileged, chroot, drop privileges
-#   8. logging
-#   9. HTTP thread, READY to the waiting parent, main loop in the main thread
+#   5. chdir /, signals reset, close fds, stdio on /dev/null, no core dumps
+#   6. umask; state_dir, handed to the daemon's user; pid file: lock, then write
+#   7. logging; bind; storage, opened as the daemon's user; chroot; drop
+#      privileges. Every file root writes goes through open_safely().
+#   8. HTTP thread, READY to the waiting parent, main loop in the main thread
 
 
-def _clean_environment():
+def _clean_environment(config):
     """Step 2, second half: re-execute the interpreter with an environment of
     KEEP_ENVIRONMENT and a safe PATH (daemon(7), step 5). Only exec really
     replaces it: the kernel shows the exec-time environment in
     /proc/PID/environ, and a library may read it from there. The new
     interpreter runs isolated and without site (-I -S): notesd needs only the
     standard library, so no .pth file in site-packages runs in the daemon,
-    which also starts faster and smaller (bench/). Returns only when clean."""
+    which also starts faster and smaller (bench/). Its arguments are rebuilt,
+    not replayed: the absolute path of this file, the configuration, and the
+    command `start`, whatever was typed (`restart` replayed would stop the
+    daemon twice). Returns only when clean."""
     clean = {k: v for k, v in os.environ.items() if k in KEEP_ENVIRONMENT}
     clean["PATH"] = SAFE_PATH
-    if os.environ != clean or not (sys.flags.isolated and sys.flags.no_site):
-        os.execve(sys.executable, [sys.executable, "-I", "-S", *sys.argv], clean)
+    argv = [sys.executable, "-I", "-S", os.path.abspath(__file__), *config.argv(), "start"]
+    if os.environ != clean or not (sys.flags.isolated and sys.flags.no_site) or \
+            sys.argv != argv[3:]:
+        os.execve(sys.executable, argv, clean)
 
 
 def daemonize(config):
@@ -1940,7 +2195,7 @@ def daemonize(config):
     try:
         os.close(reader)
         _new_session()
-        _reset_process_state(config.umask, keep={writer})
+        _reset_process_state(keep={writer})
         readiness = Readiness(writer)
         code = serve(config, readiness, foreground=False)
     except BaseException as e:  # whatever happens, never return into the CLI
@@ -1963,9 +2218,9 @@ def _new_session():
         os._exit(0)
 
 
-def _reset_process_state(umask, keep):
-    """Step 5: shed everything inherited from whoever started us."""
-    os.umask(umask)      # our files get our modes, not the caller's umask
+def _reset_process_state(keep):
+    """Step 5: shed everything inherited from whoever started us (the umask
+    too, but serve() sets that: `run` needs it as well)."""
     os.chdir("/")        # do not keep a mounted filesystem busy
     _reset_signals()
     _close_inherited_fds(keep)
@@ -2060,7 +2315,7 @@ def _await_ready(reader, config):
         return 0
     if kind == "RUNNING":  # a concurrent start won: wait until it serves
         _wait_for(lambda: read_url(config), START_TIMEOUT)
-        print(f"{text}, {read_url(config)}")
+        print(f"notesd {text}, {read_url(config)}")
         return 0
     print("notesd: " + (text if kind == "ERROR" else
                         "the daemon exited before it was ready; see its log"
@@ -2069,9 +2324,11 @@ def _await_ready(reader, config):
 
 
 def serve(config, readiness, foreground):
-    """Steps 6-9, then the main loop until stopped. Returns the exit code."""
+    """Steps 6-8, then the main loop until stopped. Returns the exit code."""
+    os.umask(config.umask)  # here, not in step 5: `run` (systemd) needs it too
     try:
-        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        account = daemon_account(config)
+        _make_state_dir(config.state_dir, account)
         pidfile = PidFile(config.pidfile)
     except AlreadyRunning as e:
         if foreground:  # `run` did not start anything: that is a failure
@@ -2085,12 +2342,11 @@ def serve(config, readiness, foreground):
     try:
         SignalRelay(commands)  # now: a TERM during start-up is not lost
         logs = Logs(config, foreground)
+        logs.hand_to(account)
         server = ApiServer(config)
-        store = Store(config.database)
-        with open(url_file(config.pidfile), "w") as f:
-            os.fchmod(f.fileno(), 0o644)  # as the pid file
-            f.write(server.url + "\n")
-        _enter_jail(config, logs)
+        store = _open_store(config.database, account)
+        write_url(config.pidfile, server.url)
+        _enter_jail(config, account, logs)
     except (NotesdError, OSError) as e:
         log.error("cannot start: %s", _reason(e))
         readiness.failed(_reason(e))
@@ -2113,44 +2369,78 @@ def serve(config, readiness, foreground):
     return code
 
 
+def _make_state_dir(path, account):
+    """Step 6, first half: state_dir, created 0700 if missing. With a daemon
+    user it becomes that user's, for the database and log live there; but a
+    directory that notesd did not create is handed over only if root or that
+    user owns it already: chowning somebody else's (a typo in state_dir)
+    would give his files to the daemon's user."""
+    path = os.path.normpath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    if account is None:
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(fd).st_uid
+        if not created and owner not in (0, account.uid):
+            raise NotesdError(f"state_dir {path} belongs to uid {owner}, neither root nor "
+                              f"the daemon's user {account.name or account.uid}; refusing "
+                              "to hand it over (chown it yourself if it is meant for notesd)")
+        os.fchown(fd, account.uid, account.gid)
+    finally:
+        os.close(fd)
+
+
+def _open_store(path, account):
+    """Step 7: the database, opened as the daemon's user (acting_as), so
+    that a symbolic link planted as -wal or -shm, which sqlite would follow,
+    leads nowhere that user may not go anyway. Files left by a run as root
+    are handed over first, through their descriptors."""
+    check_directory(path, account)
+    for name in (path, path + "-wal", path + "-shm") if account else ():
+        try:
+            fd = open_safely(name, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchown(fd, account.uid, account.gid)
+        finally:
+            os.close(fd)
+    with acting_as(account):
+        return Store(path)
+
+
 def _reason(error):
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     return str(error)
 
 
-def _enter_jail(config, logs):
-    """Step 7's second half: with every file open and the socket bound, hand
-    state_dir to the daemon's user, chroot, then drop privileges for good."""
-    if not (config.user or config.group or config.chroot):
-        return
-    user = pwd.getpwnam(config.user) if config.user else None
-    gid = grp.getgrnam(config.group).gr_gid if config.group else (
-        user.pw_gid if user else os.getgid())
-    uid = user.pw_uid if user else os.getuid()
-    # Read /etc/group now: after chroot it may not be there.
-    groups = os.getgrouplist(user.pw_name, gid) if user else [gid]
-    if user or config.group:
-        for path in (config.state_dir, config.database, config.database + "-wal",
-                     config.database + "-shm"):
-            if os.path.exists(path):
-                os.chown(path, uid, gid)
-        logs.chown(uid, gid)
+def _enter_jail(config, account, logs):
+    """Step 7's second half: with every file open and the socket bound,
+    chroot, then drop privileges for good (the files were handed over as
+    they were opened: _make_state_dir, Logs.hand_to, _open_store)."""
     if config.chroot:
         os.chroot(config.chroot)
         os.chdir("/")
         logs.chroot(config.chroot)
-    if user or config.group:
-        os.setgroups(groups)  # the user's groups, not root's
-        os.setgid(gid)        # before setuid: afterwards we could not
-        os.setuid(uid)
-        if uid != 0:
-            try:
-                os.setuid(0)
-            except PermissionError:
-                pass
-            else:
-                raise NotesdError("privileges were not dropped: could become root again")
+    if account is None:
+        return
+    os.setgroups(account.groups)  # the user's groups, not root's
+    os.setgid(account.gid)        # before setuid: afterwards we could not
+    os.setuid(account.uid)
+    if account.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise NotesdError("privileges were not dropped: could become root again")
 
 
 def _shut_down(server, loop, store, pidfile):
@@ -2172,11 +2462,11 @@ def _shut_down(server, loop, store, pidfile):
 
 
 def cmd_start(config, args):
-    pid = lock_holder(config.pidfile)
+    pid = running_pid(config.pidfile)
     if pid:
         print(f"notesd already running, pid {pid}, {read_url(config) or config.listen}")
         return 0
-    _clean_environment()
+    _clean_environment(config)
     return daemonize(config)
 
 
@@ -2185,7 +2475,7 @@ def cmd_run(config, args):
 
 
 def cmd_stop(config, args):
-    pid = lock_holder(config.pidfile)
+    pid = running_pid(config.pidfile)
     if not pid:
         _remove_leftovers(config)
         print("notesd is not running")
@@ -2206,6 +2496,9 @@ def cmd_stop(config, args):
 
 
 def _signal(pid, signum):
+    """Signal a pid that running_pid() verified; never a group or everyone."""
+    if pid <= 1:  # kill(0) is our group, kill(-1) everyone, 1 is init
+        raise NotesdError(f"refusing to signal pid {pid}")
     try:
         os.kill(pid, signum)
     except PermissionError:
@@ -2217,7 +2510,15 @@ def _signal(pid, signum):
 def _remove_leftovers(config):
     """The pid and URL files a daemon could not remove (privileges dropped,
     chroot, or killed), once nobody holds the lock."""
-    if os.path.exists(config.pidfile) and not lock_holder(config.pidfile):
+    try:
+        fd = open_safely(config.pidfile, os.O_RDONLY)
+    except (OSError, NotesdError):
+        return
+    try:
+        unlocked = _lock_owner(fd) is None
+    finally:
+        os.close(fd)
+    if unlocked:
         _remove(config.pidfile)
         _remove(url_file(config.pidfile))
 
@@ -2228,15 +2529,14 @@ def cmd_restart(config, args):
 
 
 def cmd_status(config, args):
-    try:
-        pid = lock_holder(config.pidfile)
-        started = os.stat(config.pidfile).st_mtime if pid else None
-    except OSError as e:
-        print(f"notesd status unknown: {_reason(e)}")
-        return 4
+    pid = running_pid(config.pidfile)  # an error means "unknown": 4, in main()
     if pid:
+        try:
+            uptime = _duration(time.time() - os.stat(config.pidfile).st_mtime)
+        except OSError:
+            uptime = "unknown"
         print(f"notesd running, pid {pid}, {read_url(config) or config.listen}, "
-              f"uptime {_duration(time.time() - started)}")
+              f"uptime {uptime}")
         return 0
     if os.path.exists(config.pidfile):
         print(f"notesd is not running, but the pid file {config.pidfile} exists")
@@ -2256,8 +2556,10 @@ def _duration(seconds):
 
 def cmd_reload(config, args):
     """The file was already validated by main(); signal, then wait for the
-    daemon to report this reload's outcome in /status."""
-    pid = lock_holder(config.pidfile)
+    daemon to report this reload's outcome in /status, or in /health when
+    /status refuses the token: a reload that could not apply the file's new
+    token leaves the daemon with its old one, which we do not know."""
+    pid = running_pid(config.pidfile)
     if not pid:
         print("notesd is not running", file=sys.stderr)
         return 7
@@ -2268,22 +2570,51 @@ def cmd_reload(config, args):
     def reloaded():
         try:
             status, body = api_request(config, "/status")
-        except (OSError, ValueError):
+            if status == 401:
+                status, body = api_request(config, "/health")
+        except (OSError, ValueError, http.client.HTTPException):
             return False
-        last = body.get("last_reload") if status == 200 else None
-        outcome.update(last or {})
-        return bool(last) and last.get("at", 0) >= sent
+        last = body.get("last_reload") or {}
+        outcome.update(last)
+        return last.get("at", 0) >= sent
     if not _wait_for(reloaded, config.timeout):
         print(f"notesd: pid {pid} did not confirm the reload within {config.timeout:g}s",
               file=sys.stderr)
         return 1
     if not outcome.get("ok"):
-        print(f"notesd: reload failed: {outcome.get('message')}", file=sys.stderr)
+        reason = (outcome.get("message") or unreadable_config(config) or
+                  "see its log for why; it keeps its old configuration")
+        print(f"notesd: reload failed: {reason}", file=sys.stderr)
         return 6
     restart = outcome.get("restart_needed")
     print(f"notesd reloaded, pid {pid}" +
           (f"; needs a restart for: {', '.join(restart)}" if restart else ""))
     return 0
+
+
+def unreadable_config(config):
+    """Why the daemon, once it has dropped root, could not read its
+    configuration file again on reload; None if it can (as far as the file's
+    own mode tells: a 0600 root file with `user` is the usual mistake)."""
+    if not (config.path and config.user):
+        return None
+    try:
+        account, st = daemon_account(config), os.stat(config.path)
+    except (OSError, NotesdError):
+        return None
+    if st.st_uid == account.uid:
+        readable = st.st_mode & stat.S_IRUSR
+    elif st.st_gid in account.groups:
+        readable = st.st_mode & stat.S_IRGRP
+    else:
+        readable = st.st_mode & stat.S_IROTH
+    if readable:
+        return None
+    group = grp.getgrgid(account.gid).gr_name
+    return (f"user {config.user} cannot read {config.path} (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}, gid {st.st_gid}), so a reload "
+            f"cannot take effect; make it readable to that user, for example "
+            f"chown root:{group} {config.path}; chmod 0640 {config.path}")
 
 
 def api_request(config, path, method="GET", body=None):
@@ -2305,7 +2636,7 @@ def api_request(config, path, method="GET", body=None):
 
 def cmd_check(config, args):
     """Nagios plugin API: one line 'NOTESD STATE - text | perfdata', exit 0-3."""
-    pid = lock_holder(config.pidfile)
+    pid = running_pid(config.pidfile)  # an error means UNKNOWN: 3, in main()
     if not pid:
         print("NOTESD CRITICAL - notesd is not running")
         return 2
@@ -2340,26 +2671,37 @@ def cmd_configtest(config, args):
     return 0
 
 
-#: The CLI's commands: name -> (function, one line of help).
+#: A CLI command: its function, one line of help, whether it loads the
+#: configuration leniently (Config.load), and for the commands that report a
+#: state, the exit code and line for "cannot tell" (any error).
+Cli = collections.namedtuple("Cli", "run help lenient unknown")
+
 COMMANDS = {
-    "start": (cmd_start, "start the daemon; returns once it serves"),
-    "stop": (cmd_stop, "stop it (SIGTERM; --force adds SIGKILL after the timeout)"),
-    "restart": (cmd_restart, "stop, then start"),
-    "reload": (cmd_reload, "re-read the config file (SIGHUP) and confirm"),
-    "status": (cmd_status, "is it running? (LSB exit codes)"),
-    "run": (cmd_run, "run in the foreground (systemd, containers, debugging)"),
-    "check": (cmd_check, "health check for cron and monitoring (Nagios plugin format)"),
-    "configtest": (cmd_configtest, "validate the configuration and print it"),
+    "start": Cli(cmd_start, "start the daemon; returns once it serves", False, None),
+    "stop": Cli(cmd_stop, "stop it (SIGTERM; --force adds SIGKILL after the timeout)",
+                True, None),
+    "restart": Cli(cmd_restart, "stop, then start (refused, before stopping, if the "
+                   "configuration is invalid)", False, None),
+    "reload": Cli(cmd_reload, "re-read the config file (SIGHUP) and confirm", False, None),
+    "status": Cli(cmd_status, "is it running? (LSB exit codes)", True,
+                  (4, "notesd status unknown: {}")),
+    "run": Cli(cmd_run, "run in the foreground (systemd, containers, debugging)", False, None),
+    "check": Cli(cmd_check, "health check for cron and monitoring (Nagios plugin format)",
+                 True, (3, "NOTESD UNKNOWN - {}")),
+    "configtest": Cli(cmd_configtest, "validate the configuration and print it", False, None),
 }
+#: the commands whose daemon will have to read the configuration file again.
+WARN_UNREADABLE = ("start", "restart", "run", "configtest")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="notesd.py", description="notesd: a notes REST API daemon.",
-        epilog="Exit codes: 0 ok; 1 failed; 2 usage; 3 not running (status); "
+        epilog="Exit codes: 0 ok; 1 failed; 2 usage; 3 not running (status), UNKNOWN "
+               "(check); 4 status unknown, or not permitted (stop, reload); "
                "6 invalid configuration; 7 not running (reload).")
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND",
-                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+                        help="; ".join(f"{name}: {c.help}" for name, c in COMMANDS.items()))
     parser.add_argument("-c", "--config", metavar="FILE", default=os.environ.get("NOTESD_CONFIG"),
                         help="INI file with a [notesd] section (default: $NOTESD_CONFIG)")
     parser.add_argument("-V", "--version", action="version", version=f"notesd {__version__}")
@@ -2373,8 +2715,10 @@ def build_parser():
                         help="configtest: print an example config file with every key")
     keys = parser.add_argument_group("configuration keys (win over the file)")
     for key, option in DEFAULTS.items():
+        shown = option.default or ("see text" if key in DERIVED_KEYS else "none")
+        default = "" if "default" in option.help else f" (default: {shown})"
         keys.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE",
-                          help=f"{option.help} (default: {option.default or 'see text'})")
+                          help=option.help + default)
     return parser
 
 
@@ -2384,20 +2728,26 @@ def build_parser():
 
 
 def main(argv=None):
+    """The CLI: errors become one line and an exit code here, and only here."""
     args = build_parser().parse_args(argv)
-    command, _ = COMMANDS[args.command]
+    cli = COMMANDS[args.command]
     try:
-        config = Config.load(args.config, {key: getattr(args, key) for key in DEFAULTS})
-        return command(config, args)
-    except ConfigError as e:
-        if args.command == "check":
-            print(f"NOTESD UNKNOWN - {e}")
-            return 3
-        print(f"notesd: {e}", file=sys.stderr)
-        return e.exit_code
+        config = Config.load(args.config, {key: getattr(args, key) for key in DEFAULTS},
+                             lenient=cli.lenient)
+        for warning in config.warnings:
+            print(f"notesd: warning: {warning}", file=sys.stderr)
+        problem = args.command in WARN_UNREADABLE and unreadable_config(config)
+        if problem:
+            print(f"notesd: warning: {problem}", file=sys.stderr)
+        return cli.run(config, args)
     except NotesdError as e:
+        if cli.unknown:
+            code, line = cli.unknown
+            print(line.format(e))
+            return code
         print(f"notesd: {e}", file=sys.stderr)
-        return e.exit_code
+        # A lenient command that still cannot read its configuration failed.
+        return 1 if cli.lenient and isinstance(e, ConfigError) else e.exit_code
     except KeyboardInterrupt:
         return 130
 
