@@ -19,13 +19,14 @@ Usage:
 Commands and exit codes (LSB init-script conventions):
     start       daemonize, return once serving: 0 running (also if it was), 1 failed
     stop        SIGTERM and wait (timeout, --force: SIGKILL): 0 stopped, 1 still running
-    restart     stop, then start
+    restart     stop, then start (6, before stopping, if the configuration is invalid)
     reload      check the file, SIGHUP, wait for the verdict: 0 applied, 6 invalid, 7 not running
     status      0 running, 1 dead but pid file exists, 3 not running, 4 unknown
     run         the daemon in the foreground (systemd, containers, debugging)
     check       health check for cron (Nagios plugin API): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
     configtest  validate the configuration and print it: 0 valid, 6 invalid
-Exit code 2 is a usage error.
+Exit code 2 is a usage error; 4 from stop or reload, not permitted to signal.
+The CLI signals only the notesd that owns the pid file (running_pid).
 
 Sections:
     Constants & defaults, Errors, Config, Storage, Main loop, HTTP API,
