@@ -15,6 +15,7 @@ for the privilege, chroot and network-namespace tests (skipped otherwise).
 """
 
 import ast
+import fcntl
 import http.client
 import json
 import os
@@ -25,6 +26,8 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,34 @@ import threading
 import time
 import urllib.parse
 
-import pytest
+
+def _run_in_venv():
+    """`python3 test_notesd.py` where that python3 has no pytest (Debian's
+    /usr/bin/python3, say): make a virtual environment .venv beside this file
+    with pytest in it, once, and run this file again with its python."""
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv")
+    python = os.path.join(venv, "bin", "python3")
+    has_pytest = os.path.exists(python) and subprocess.run(
+        [python, "-c", "import pytest"], capture_output=True).returncode == 0
+    if not has_pytest:
+        print("test_notesd: %s has no pytest; installing it into %s" % (sys.executable, venv),
+              file=sys.stderr)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+            subprocess.run([python, "-m", "pip", "install", "-q", "pytest"], check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit("test_notesd: could not set up pytest in %s (%s); install pytest for "
+                     "this python3 (Debian: apt-get install python3-venv, or python3-pytest)"
+                     % (venv, e))
+    os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+
+
+try:
+    import pytest
+except ImportError:
+    if __name__ != "__main__":
+        raise
+    _run_in_venv()
 
 NOTESD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notesd.py")
 
@@ -664,7 +694,12 @@ def test_restart_gives_new_daemon(daemon):
     old = daemon.pid()
     r = daemon.cli("restart")
     assert r.returncode == 0, (r.stdout, r.stderr, daemon.log())
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout  # one stop, one start: nothing else
+    assert lines[0] == "notesd stopped, pid %d" % old, r.stdout
+    assert START_LINE.match(lines[1]), r.stdout
     daemon.after_start()
+    assert START_LINE.match(lines[1]).group(2) == str(daemon.pid())
     assert daemon.pid() != old
     assert not alive(old)
     assert daemon.get("/health").status == 200
@@ -766,8 +801,10 @@ def test_stop_works_when_starter_blocked_sigterm(make_daemon, how):
 @pytest.mark.skipif(not IS_ROOT, reason="needs root")
 def test_user_drops_privileges(make_daemon, open_tmp):
     nobody = pwd.getpwnam("nobody")
-    os.chown(open_tmp, nobody.pw_uid, nobody.pw_gid)
-    d = make_daemon("--user", "nobody", directory=open_tmp)
+    state = os.path.join(open_tmp, "state")  # the pid file stays in a root-only directory
+    os.mkdir(state)
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp)
     st = proc_status(d.pid())
     assert set(st["Uid"].split()) == {str(nobody.pw_uid)}, st["Uid"]
     assert set(st["Gid"].split()) == {str(nobody.pw_gid)}, st["Gid"]
@@ -1069,7 +1106,7 @@ def test_check_critical_when_not_running(make_daemon):
 
 
 def test_check_unknown_with_bad_config(tmp_path):
-    r = Daemon(tmp_path, "--umask", "999").cli("check")
+    r = Daemon(tmp_path, config=_config(tmp_path, "[other]\n")).cli("check")
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout.startswith("NOTESD UNKNOWN - "), r.stdout
 
@@ -1117,7 +1154,7 @@ def test_check_states_and_perfdata(shared, options, state, code, warn, crit):
 def test_check_not_running_and_bad_config_lines(make_daemon, tmp_path):
     r = make_daemon(start=False).cli("check")
     assert (_check_output(r)[0], r.returncode) == ("CRITICAL", 2), (r.stdout, r.stderr)
-    r = Daemon(tmp_path, "--umask", "999").cli("check")
+    r = Daemon(tmp_path, "--chroot", str(tmp_path / "missing")).cli("check")
     assert (_check_output(r)[0], r.returncode) == ("UNKNOWN", 3), (r.stdout, r.stderr)
 
 
@@ -1165,17 +1202,53 @@ def test_readme_config_table_lists_every_key():
     assert documented - example_keys == set(), "README.md documents keys notesd lacks"
 
 
-def test_every_readme_command_is_tested():
-    """Each command of README.md's table is run by some test in this file."""
-    with open(__file__, encoding="utf-8") as f:
-        source = f.read()
-    commands = [names[0] for names in _readme_table("Command line")
-                if not names[0].startswith("-")]
-    assert {"start", "stop", "restart", "reload", "status", "run", "check",
-            "configtest"} <= set(commands), commands
-    for command in commands:
-        assert re.search(r'(?:cli|argv)\("%s"' % command, source), command
-    assert '"configtest", "--example"' in source
+def test_every_readme_command_runs(tmp_path):
+    """Each command of README.md's table, run for real in a lifecycle, with
+    the exit code and output line the table promises."""
+    d = Daemon(tmp_path / "cmds")
+    out = {}
+
+    def cli(*command):
+        r = d.cli(*command)
+        out[command[0]] = r
+        return r
+
+    def run_in_foreground():
+        proc = subprocess.Popen(d.argv("run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            wait_until(lambda: os.path.exists(d.urlfile) and request(
+                open(d.urlfile).read().strip(), "GET", "/health").status == 200, 10, d, "run")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    # command -> (how to run it, exit code, what stdout must match)
+    expected = {
+        "start": (lambda: cli("start"), 0, START_LINE),
+        "status": (lambda: cli("status"), 0, STATUS_LINE),
+        "check": (lambda: cli("check"), 0, re.compile(r"^NOTESD OK - ")),
+        "configtest": (lambda: cli("configtest"), 0, re.compile(r"^listen = 127\.0\.0\.1:0$", re.M)),
+        "reload": (lambda: cli("reload"), 0, re.compile(r"^notesd reloaded, pid \d+$")),
+        "restart": (lambda: cli("restart"), 0, re.compile(r"^notesd stopped, pid \d+\n"
+                                                           + START_LINE.pattern[1:])),
+        "stop": (lambda: cli("stop"), 0, re.compile(r"^notesd stopped, pid \d+$")),
+        "run": (run_in_foreground, 0, re.compile(r"^$")),
+        "--version": (lambda: cli("--version"), 0, re.compile(r"^notesd \d+\.\d+")),
+        "-h": (lambda: cli("-h"), 0, re.compile(r"^usage: notesd\.py")),
+    }
+    commands = [name for names in _readme_table("Command line") for name in names]
+    assert set(commands) == set(expected), commands
+    try:
+        for command, (run, code, pattern) in expected.items():
+            r = run()
+            if command == "start":
+                d.after_start()
+            assert r.returncode == code, (command, r.stdout, r.stderr, d.log())
+            assert pattern.search(r.stdout), (command, r.stdout, r.stderr)
+    finally:
+        d.cleanup()
 
 
 ###############################################################################
@@ -1560,12 +1633,15 @@ def test_readme_curl_examples_work(daemon):
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     for line in lines:
         assert "http://127.0.0.1:5000/" in line, line
-        command = line.replace("http://127.0.0.1:5000", base).replace(
-            "curl ", "curl --max-time 10 ", 1)
-        # the whole line goes to bash, which drops the trailing '# comment'
+        command, _, comment = line.partition("  #")  # the README's comment ...
+        expected = re.search(r"\b([1-5]\d\d)\b", comment)  # ... names the status
+        assert expected, "README curl example without its status in the comment: " + line
+        command = command.replace("http://127.0.0.1:5000", base).replace(
+            "curl ", "curl --max-time 10 -o /dev/null -w '%{http_code}' ", 1)
         r = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                            timeout=CLI_TIMEOUT, env=env)
         assert r.returncode == 0, (line, r.returncode, r.stdout, r.stderr[-2000:])
+        assert r.stdout.strip() == expected.group(1), (line, r.stdout)
     daemon.assert_serving()
 
 
@@ -2216,3 +2292,348 @@ def test_remote_clients_with_token(make_daemon, tmp_path):
     assert out["10.253.0.1 False"][0] == 401, out
     assert out["10.253.0.1 True"][0] == 200, out
     assert out["127.0.0.1 True"][0] == 200, out
+
+
+###############################################################################
+# Operators and hostile local users ###########################################
+###############################################################################
+# A local user who does not wish us well, and the paths operators really walk.
+
+
+def _ofd_lock(path):
+    """Lock `path` as any user could: an open file description lock, which
+    F_GETLK reports as pid -1. Returns the fd; closing it drops the lock."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
+    return fd
+
+
+def _in_pid_namespace(argv):
+    """Run argv in a new pid namespace beside a sleeping victim process; the
+    output, and whether the victim survived. kill(-1) in there can only
+    reach the namespace, so a CLI that signals everyone is caught safely."""
+    script = ('sleep 60 & victim=$!; "$@"; echo "rc=$?"; '
+              'if kill -0 $victim 2>/dev/null; then echo victim=alive; kill $victim; '
+              'else echo victim=dead; fi')
+    r = subprocess.run(["unshare", "--pid", "--fork", "sh", "-c", script, "sh", *argv],
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    return r.stdout + r.stderr
+
+
+needs_unshare = pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare"),
+                                   reason="needs root and unshare")
+
+
+@needs_unshare
+def test_ofd_lock_on_stale_pid_file_signals_nobody(make_daemon):
+    d = make_daemon()
+    os.kill(d.pid(), signal.SIGKILL)
+    # what any user may do to a 0644 file, once the dead daemon's lock is gone
+    fd = wait_until(lambda: _ofd_lock(d.pidfile), 5, d, "the dead daemon's lock to go")
+    try:
+        for command in (["stop"], ["stop", "--force", "--timeout", "1"], ["reload"]):
+            out = _in_pid_namespace(d.argv(*command))
+            assert "victim=alive" in out, (command, out)
+            assert "rc=0" not in out, (command, out)
+        r = d.cli("status")
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        assert "pid -1" not in r.stdout and "running, pid" not in r.stdout, r.stdout
+        r = d.cli("check")
+        assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
+    finally:
+        os.close(fd)
+
+
+def _hold_lock(path):
+    """An unrelated process that takes a POSIX lock on `path` and keeps it."""
+    code = ("import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_pid_file_locked_by_unrelated_process(make_daemon):
+    d = make_daemon(start=False)
+    with open(d.pidfile, "w") as f:
+        f.write("%d\n" % 999999)  # a stale pid: the holder did not write it
+    holder = _hold_lock(d.pidfile)
+    try:
+        r = d.cli("start")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert str(holder.pid) in r.stderr, r.stderr
+        assert d.cli("status").returncode == 4
+        r = d.cli("stop", "--force", "--timeout", "1")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert holder.poll() is None, "stop signalled a process that is not notesd"
+        r = d.cli("check")
+        assert r.returncode == 3, r.stdout
+    finally:
+        holder.kill()
+        holder.wait(timeout=CLI_TIMEOUT)
+
+
+def test_fifo_at_pid_file_path(make_daemon):
+    d = make_daemon(start=False)
+    os.mkfifo(d.pidfile)
+    try:
+        for command, code in (("status", 4), ("check", 3), ("stop", 1), ("start", 1)):
+            r = d.cli(command, timeout=10)  # the old CLI blocked for ever in open()
+            assert r.returncode == code, (command, r.stdout, r.stderr)
+            assert d.pidfile in r.stdout + r.stderr, (command, r.stdout, r.stderr)
+            assert "Traceback" not in r.stderr
+        assert stat.S_ISFIFO(os.lstat(d.pidfile).st_mode)
+    finally:
+        os.unlink(d.pidfile)  # the fixture's cleanup reads the pid file
+
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+def _victim(directory):
+    """A root-only file that an attacker would like root to chown or write."""
+    path = os.path.join(directory, "victim")
+    with open(path, "w") as f:
+        f.write("root's secret\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def _untouched(path):
+    st = os.stat(path)
+    with open(path) as f:
+        return (st.st_uid, stat.S_IMODE(st.st_mode), f.read()) == (0, 0o600, "root's secret\n")
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["notesd.log", "notes.db", "notes.db-wal", "notes.db-shm"])
+def test_symlink_planted_in_users_state_dir_is_refused(make_daemon, open_tmp, name):
+    """The daemon's user owns state_dir; what he plants there must not make
+    root chown or write a file of root's at the next start."""
+    nobody = pwd.getpwnam("nobody")
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state,
+                    "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
+    d.post("before")
+    d.stop()
+    victim = _victim(open_tmp)
+    planted = os.path.join(state, name)
+    if os.path.exists(planted):
+        os.unlink(planted)
+    os.symlink(victim, planted)
+    os.lchown(planted, nobody.pw_uid, nobody.pw_gid)
+    r = d.cli("start")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert planted in r.stderr, r.stderr
+    assert _untouched(victim)
+
+
+@needs_root
+def test_pid_file_in_a_directory_others_can_write(make_daemon, open_tmp):
+    shared = os.path.join(open_tmp, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    d = make_daemon("--pidfile", os.path.join(shared, "notesd.pid"), start=False)
+    r = d.cli("start")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert shared in r.stderr and "others" in r.stderr, r.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["notesd.pid", "notesd.url"])
+def test_symlink_at_pid_or_url_file_in_sticky_directory(make_daemon, open_tmp, name):
+    """/tmp-like: sticky and world-writable. A user plants a symlink where the
+    pid or URL file goes; root must not truncate and rewrite its target."""
+    nobody = pwd.getpwnam("nobody")
+    sticky = os.path.join(open_tmp, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    victim = _victim(open_tmp)
+    os.symlink(victim, os.path.join(sticky, name))
+    os.lchown(os.path.join(sticky, name), nobody.pw_uid, nobody.pw_gid)
+    d = make_daemon("--pidfile", os.path.join(sticky, "notesd.pid"), start=False)
+    r = d.cli("start")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert os.path.join(sticky, name) in r.stderr, r.stderr
+    assert _untouched(victim)
+
+
+@needs_root
+def test_pid_file_in_sticky_directory_is_fine_when_ours(make_daemon, open_tmp):
+    sticky = os.path.join(open_tmp, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    d = make_daemon("--pidfile", os.path.join(sticky, "notesd.pid"), start=False)
+    d.urlfile = os.path.join(sticky, "notesd.url")
+    d.start()
+    assert d.cli("status").returncode == 0
+    d.stop()
+
+
+@needs_root
+def test_state_dir_of_another_user_is_not_handed_over(make_daemon, open_tmp):
+    state = os.path.join(open_tmp, "alices")
+    os.mkdir(state, 0o700)
+    os.chown(state, 12345, 12345)
+    d = make_daemon("--user", "nobody", "--state-dir", state, start=False)
+    r = d.cli("start")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert state in r.stderr, r.stderr
+    assert os.stat(state).st_uid == 12345
+
+
+@needs_root
+def test_state_dir_owned_by_root_is_handed_to_the_user(make_daemon, open_tmp):
+    nobody = pwd.getpwnam("nobody")
+    state = os.path.join(open_tmp, "state")
+    os.mkdir(state, 0o700)
+    d = make_daemon("--user", "nobody", "--state-dir", state,
+                    "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
+    for name in ("", "notes.db", "notes.db-wal", "notesd.log"):
+        assert os.stat(os.path.join(state, name)).st_uid == nobody.pw_uid, name
+    assert d.post("as nobody").status == 201
+    d.stop()
+
+
+#: A python3 that another user may run (pyenv's live under root's 0700 home).
+SYSTEM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                      if os.access(p, os.X_OK)), None)
+needs_other_user = pytest.mark.skipif(not IS_ROOT or SYSTEM_PYTHON is None,
+                                      reason="needs root and a system python3")
+
+
+def _as_nobody(open_tmp, *args, env=None):
+    """Run a copy of notesd.py as nobody, with the system python3."""
+    copy = os.path.join(open_tmp, "notesd.py")
+    if not os.path.exists(copy):
+        shutil.copy(NOTESD, copy)
+        os.chmod(copy, 0o644)
+    nobody = pwd.getpwnam("nobody")
+    return subprocess.run([SYSTEM_PYTHON, copy, *args], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT, cwd="/", user=nobody.pw_uid,
+                          group=nobody.pw_gid, extra_groups=[],
+                          env=env or {"PATH": "/usr/bin:/bin", "HOME": "/"})
+
+
+@needs_other_user
+def test_cli_as_a_user_who_cannot_read_the_pid_file(make_daemon, open_tmp):
+    d = make_daemon()  # in pytest's 0700 tree: nobody cannot even look
+    for command, code in (("check", 3), ("status", 4), ("stop", 4), ("reload", 4)):
+        r = _as_nobody(open_tmp, *d.args, command)
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+    assert d.get("/health").status == 200
+
+
+@needs_other_user
+def test_default_paths_follow_the_passwd_entry_not_home(open_tmp):
+    r = _as_nobody(open_tmp, "configtest", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    assert r.returncode == 0, r.stderr
+    home = pwd.getpwnam("nobody").pw_dir
+    assert "state_dir = %s/.local/state/notesd\n" % home in r.stdout, r.stdout
+
+
+def test_restart_stops_once_and_the_daemon_says_start(make_daemon):
+    d = make_daemon()
+    old = d.pid()
+    script_dir, script = os.path.split(NOTESD)
+    r = subprocess.run([sys.executable, script, *d.args, "restart"], cwd=script_dir,
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.count("notesd stopped, pid %d" % old) == 1, r.stdout
+    assert "not running" not in r.stdout, r.stdout
+    assert START_LINE.search(r.stdout), r.stdout
+    d.after_start()
+    new = d.pid()
+    assert new != old and not alive(old)
+    with open("/proc/%d/cmdline" % new, "rb") as f:
+        argv = f.read().split(b"\0")[:-1]
+    assert argv[-1] == b"start", argv
+    assert NOTESD.encode() in argv and b"restart" not in argv, argv
+
+
+def test_typo_in_a_live_key_does_not_block_control(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = info\n")
+    d = make_daemon(config=conf)
+    pid = d.pid()
+    conf.write_text("[notesd]\nlog_level = loud\n")
+    for command, code in (("status", 0), ("check", 0), ("reload", 6), ("configtest", 6),
+                          ("restart", 6)):
+        r = d.cli(command)
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "log_level" in r.stderr, (command, r.stderr)
+    assert d.pid() == pid and alive(pid), "restart with a bad file must not stop notesd"
+    r = d.cli("stop")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "log_level" in r.stderr
+    assert not alive(pid)
+
+
+def test_invalid_path_key_makes_status_unknown(make_daemon, tmp_path):
+    d = make_daemon("--chroot", str(tmp_path / "no-such-dir"), start=False)
+    for command, code in (("status", 4), ("stop", 1), ("check", 3)):
+        r = d.cli(command)
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "chroot" in r.stdout + r.stderr, (command, r.stdout, r.stderr)
+
+
+def test_run_applies_the_umask(tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    d = Daemon(tmp_path / "fg", "--database", str(other / "notes.db"))
+    proc = subprocess.Popen(d.argv("run"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.umask(0o022))
+    try:
+        wait_until(lambda: os.path.exists(d.urlfile) and (other / "notes.db").exists(),
+                   10, d, "run to open its database")
+        mode = stat.S_IMODE(os.stat(other / "notes.db").st_mode)
+        assert mode & 0o027 == 0, oct(mode)  # the default umask, 027
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=CLI_TIMEOUT)
+
+
+@needs_root
+def test_reload_with_user_and_a_root_only_config_file(make_daemon, open_tmp):
+    nobody = pwd.getpwnam("nobody")
+    conf = os.path.join(open_tmp, "notesd.conf")
+    with open(conf, "w") as f:
+        f.write("[notesd]\ntoken = first\n")
+    os.chmod(conf, 0o600)
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state, "--timeout", "3",
+                    config=conf, directory=open_tmp, start=False)
+    r = d.start()
+    assert "cannot read" in r.stderr, r.stderr  # start warns
+    r = d.cli("configtest")
+    assert r.returncode == 0 and "cannot read" in r.stderr, r.stderr
+    with open(conf, "w") as f:
+        f.write("[notesd]\ntoken = second\n")
+    r = d.cli("reload")
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "cannot read" in r.stderr, r.stderr
+    assert d.get("/status", headers={"Authorization": "Bearer first"}).status == 200
+    os.chown(conf, 0, nobody.pw_gid)
+    os.chmod(conf, 0o640)
+    r = d.cli("reload")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    assert d.get("/status", headers={"Authorization": "Bearer second"}).status == 200
+
+
+def test_small_cli_texts(make_daemon):
+    d = make_daemon()
+    r = d.cli("-h")
+    text = " ".join(r.stdout.split())
+    assert "4 status unknown" in text, text
+    assert "stop, reload and check wait" in text, text
+    group = text.split("configuration keys", 1)[1].split("--group VALUE", 1)[1]
+    group = group.split("--chroot", 1)[0]
+    assert group.count("default") == 1, group
+    r = d.cli("run")
+    assert r.returncode == 1
+    assert r.stderr.startswith("notesd: already running, pid %d" % d.pid()), r.stderr
+
+if __name__ == "__main__":
+    # The README's test command: python3 test_notesd.py [pytest options]
+    sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
