@@ -2406,12 +2406,34 @@ def _untouched(path):
         return (st.st_uid, stat.S_IMODE(st.st_mode), f.read()) == (0, 0o600, "root's secret\n")
 
 
+def _plant_symlink(target, path):
+    """What the user nobody can do in a directory he may write."""
+    nobody = pwd.getpwnam("nobody")
+    os.symlink(target, path)
+    os.lchown(path, nobody.pw_uid, nobody.pw_gid)
+
+
+def _assert_start_refused(d, path, victim=None):
+    """start exits 1 with a message naming `path`, and `victim` is as it was."""
+    r = d.cli("start")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert path in r.stderr, r.stderr
+    assert victim is None or _untouched(victim)
+    return r
+
+
+def _directory(parent, name, mode):
+    path = os.path.join(parent, name)
+    os.mkdir(path)
+    os.chmod(path, mode)
+    return path
+
+
 @needs_root
 @pytest.mark.parametrize("name", ["notesd.log", "notes.db", "notes.db-wal", "notes.db-shm"])
 def test_symlink_planted_in_users_state_dir_is_refused(make_daemon, open_tmp, name):
     """The daemon's user owns state_dir; what he plants there must not make
     root chown or write a file of root's at the next start."""
-    nobody = pwd.getpwnam("nobody")
     state = os.path.join(open_tmp, "state")
     d = make_daemon("--user", "nobody", "--state-dir", state,
                     "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
@@ -2421,23 +2443,16 @@ def test_symlink_planted_in_users_state_dir_is_refused(make_daemon, open_tmp, na
     planted = os.path.join(state, name)
     if os.path.exists(planted):
         os.unlink(planted)
-    os.symlink(victim, planted)
-    os.lchown(planted, nobody.pw_uid, nobody.pw_gid)
-    r = d.cli("start")
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert planted in r.stderr, r.stderr
-    assert _untouched(victim)
+    _plant_symlink(victim, planted)
+    _assert_start_refused(d, planted, victim)
 
 
 @needs_root
 def test_pid_file_in_a_directory_others_can_write(make_daemon, open_tmp):
-    shared = os.path.join(open_tmp, "shared")
-    os.mkdir(shared)
-    os.chmod(shared, 0o777)
+    shared = _directory(open_tmp, "shared", 0o777)
     d = make_daemon("--pidfile", os.path.join(shared, "notesd.pid"), start=False)
-    r = d.cli("start")
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert shared in r.stderr and "others" in r.stderr, r.stderr
+    r = _assert_start_refused(d, shared)
+    assert "others" in r.stderr, r.stderr
 
 
 @needs_root
@@ -2445,25 +2460,16 @@ def test_pid_file_in_a_directory_others_can_write(make_daemon, open_tmp):
 def test_symlink_at_pid_or_url_file_in_sticky_directory(make_daemon, open_tmp, name):
     """/tmp-like: sticky and world-writable. A user plants a symlink where the
     pid or URL file goes; root must not truncate and rewrite its target."""
-    nobody = pwd.getpwnam("nobody")
-    sticky = os.path.join(open_tmp, "sticky")
-    os.mkdir(sticky)
-    os.chmod(sticky, 0o1777)
+    sticky = _directory(open_tmp, "sticky", 0o1777)
     victim = _victim(open_tmp)
-    os.symlink(victim, os.path.join(sticky, name))
-    os.lchown(os.path.join(sticky, name), nobody.pw_uid, nobody.pw_gid)
+    _plant_symlink(victim, os.path.join(sticky, name))
     d = make_daemon("--pidfile", os.path.join(sticky, "notesd.pid"), start=False)
-    r = d.cli("start")
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert os.path.join(sticky, name) in r.stderr, r.stderr
-    assert _untouched(victim)
+    _assert_start_refused(d, os.path.join(sticky, name), victim)
 
 
 @needs_root
 def test_pid_file_in_sticky_directory_is_fine_when_ours(make_daemon, open_tmp):
-    sticky = os.path.join(open_tmp, "sticky")
-    os.mkdir(sticky)
-    os.chmod(sticky, 0o1777)
+    sticky = _directory(open_tmp, "sticky", 0o1777)
     d = make_daemon("--pidfile", os.path.join(sticky, "notesd.pid"), start=False)
     d.urlfile = os.path.join(sticky, "notesd.url")
     d.start()
@@ -2473,13 +2479,10 @@ def test_pid_file_in_sticky_directory_is_fine_when_ours(make_daemon, open_tmp):
 
 @needs_root
 def test_state_dir_of_another_user_is_not_handed_over(make_daemon, open_tmp):
-    state = os.path.join(open_tmp, "alices")
-    os.mkdir(state, 0o700)
+    state = _directory(open_tmp, "alices", 0o700)
     os.chown(state, 12345, 12345)
     d = make_daemon("--user", "nobody", "--state-dir", state, start=False)
-    r = d.cli("start")
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert state in r.stderr, r.stderr
+    _assert_start_refused(d, state)
     assert os.stat(state).st_uid == 12345
 
 
