@@ -37,6 +37,7 @@ Sections:
 __version__ = "1.0.0"
 
 import argparse
+import codecs
 import collections
 import configparser
 import contextlib
@@ -55,6 +56,7 @@ import http.server
 import io
 import ipaddress
 import json
+import locale
 import logging
 import logging.handlers
 import os
@@ -112,6 +114,9 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: PYTHONPATH, LD_PRELOAD ...) must not steer a long-running daemon.
 KEEP_ENVIRONMENT = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
                     "NOTESD_CONFIG")
+#: codecs looked up before chroot and the drop of root (_enter_jail): text
+#: files in the locale's, HTTP in latin-1, bodies in utf-8, IDNA host names.
+CODECS = ("ascii", "latin-1", "utf-8", "idna")
 #: signals that keep SIG_IGN when the daemonizer resets handlers: CPython
 #: itself ignores them at startup and relies on EPIPE/EFBIG instead.
 KEEP_IGNORED = {signal.SIGPIPE, signal.SIGXFSZ}
@@ -2426,6 +2431,13 @@ def _enter_jail(config, account, logs):
     """Step 7's second half: with every file open and the socket bound,
     chroot, then drop privileges for good (the files were handed over as
     they were opened: _make_state_dir, Logs.hand_to, _open_store)."""
+    if not (config.chroot or account):
+        return
+    # Afterwards the interpreter's own files may be out of reach (outside the
+    # chroot, or under a 0700 home such as pyenv's /root/.pyenv), and a codec
+    # is imported on first use: look up now every one the daemon may need.
+    for name in (*CODECS, locale.getpreferredencoding(False)):
+        codecs.lookup(name)
     if config.chroot:
         os.chroot(config.chroot)
         os.chdir("/")
