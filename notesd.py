@@ -1957,7 +1957,7 @@ def running_pid(path):
                 return None
             if pid > 1 and _file_names(fd, pid) and _holds_open(pid, os.fstat(fd)):
                 return pid
-            if time.monotonic() >= deadline:
+            if pid <= 1 or time.monotonic() >= deadline:  # no daemon locks as -1
                 raise NotesdError(f"the pid file {path} is locked by {_describe(pid)}, "
                                   "which is not the notesd that wrote it")
             time.sleep(POLL)
