@@ -1996,9 +1996,11 @@ def _describe(pid):
         return "an open file description lock of some other process"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+            command = f.read(512).replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         command = ""
+    # Its owner chose that command line: no escape sequence reaches a terminal.
+    command = "".join(c if c.isprintable() else "?" for c in command)
     return f"pid {pid}" + (f" ({command})" if command else "")
 
 

@@ -2352,7 +2352,7 @@ def _hold_lock(path):
     """An unrelated process that takes a POSIX lock on `path` and keeps it."""
     code = ("import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT); "
             "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()")
-    p = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", code, path, "\x1b[2J"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     return p
@@ -2367,6 +2367,7 @@ def test_pid_file_locked_by_unrelated_process(make_daemon):
         r = d.cli("start")
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert str(holder.pid) in r.stderr, r.stderr
+        assert "\x1b" not in r.stderr, "the holder's command line reached the terminal raw"
         assert d.cli("status").returncode == 4
         r = d.cli("stop", "--force", "--timeout", "1")
         assert r.returncode == 1, (r.stdout, r.stderr)
