@@ -1019,8 +1019,12 @@ def read_headers(rfile):
         line = rfile.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise _http_error(431, "header line too long")
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return headers
+        if not line.endswith(b"\n"):
+            # End of stream before the empty line: the request is incomplete
+            # (an If-Match may be what is missing), so it never runs.
+            raise ConnectionAbortedError("the client closed the connection mid-header")
         name, colon, value = line.decode("latin-1").partition(":")
         # No whitespace in or around a field name (RFC 9112 5.1), which also
         # refuses obsolete line folding (5.2).

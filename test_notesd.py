@@ -1976,6 +1976,25 @@ def test_unread_body_is_not_taken_for_a_request(shared):
     assert r.json() == [], r
 
 
+@pytest.mark.parametrize("cut", [b"", b"If-Match: \"stale", b"If-Match: \"stale\"\r\n"],
+                         ids=["before-if-match", "mid-line", "before-empty-line"])
+def test_header_section_cut_by_fin_is_never_executed(shared, cut):
+    """A DELETE whose connection closes before its header section ends (here
+    before or inside its If-Match) must not run as if it had no If-Match."""
+    note = shared.note(unique("fin"))
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(b"DELETE /%d/ HTTP/1.1\r\nHost: x\r\n" % note["id"] + cut)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert not reply.startswith(b"HTTP/1.1 204"), reply
+    assert shared.get("/%d/" % note["id"]).status == 200, "an incomplete DELETE ran"
+
+
 def test_http_1_1_without_host_is_400(shared):
     status, headers, body, closed = exchange(shared.port, b"GET /health HTTP/1.1\r\n\r\n",
                                              closes=True)
