@@ -42,19 +42,68 @@ def _run_in_venv():
     with pytest in it, once, and run this file again with its python."""
     venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv")
     python = os.path.join(venv, "bin", "python3")
-    has_pytest = os.path.exists(python) and subprocess.run(
-        [python, "-c", "import pytest"], capture_output=True).returncode == 0
-    if not has_pytest:
+    if os.path.realpath(sys.prefix) == os.path.realpath(venv):  # we are that python: no loop
+        sys.exit("test_notesd: %s cannot import pytest; remove %s and run this file "
+                 "with python3 again" % (python, venv))
+
+    def works(*args):
+        return os.path.exists(python) and subprocess.run(
+            [python, *args], capture_output=True).returncode == 0
+
+    if not works("-c", "import pytest"):
         print("test_notesd: %s has no pytest; installing it into %s" % (sys.executable, venv),
               file=sys.stderr)
+        pip, packages = [python, "-m", "pip"], ["pytest"]
         try:
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-            subprocess.run([python, "-m", "pip", "install", "-q", "pytest"], check=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            sys.exit("test_notesd: could not set up pytest in %s (%s); install pytest for "
-                     "this python3 (Debian: apt-get install python3-venv, or python3-pytest)"
+            if not works("-m", "pip", "--version"):
+                made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True)
+                if made.returncode != 0:
+                    # Debian's python3 without the python3-venv package has no
+                    # ensurepip, so venv cannot put pip in: make the venv
+                    # without pip and run pip from its wheel, fetched from PyPI.
+                    print("test_notesd: venv could not install pip (no ensurepip?); "
+                          "getting pip from PyPI", file=sys.stderr)
+                    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip",
+                                    venv], check=True)
+                    wheel = _pip_wheel(venv)
+                    # pip runs from its wheel and installs itself too
+                    pip, packages = [python, os.path.join(wheel, "pip")], [wheel, "pytest"]
+            subprocess.run(pip + ["install", "-q", "--disable-pip-version-check", *packages],
+                           check=True)
+        except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
+            sys.exit("test_notesd: could not set up pytest in %s (%s); install pytest for this "
+                     "python3 (Debian: apt-get install python3-venv, or python3-pytest)"
                      % (venv, e))
     os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+
+
+def _pip_wheel(directory):
+    """Download into directory the newest pip wheel from PyPI that this Python
+    can run (newer pips drop old Pythons), check its sha256, return its path."""
+    import hashlib
+    import urllib.request
+    index = "https://pypi.org/simple/pip/"
+    accept = {"Accept": "application/vnd.pypi.simple.v1+json"}  # PEP 691
+    with urllib.request.urlopen(urllib.request.Request(index, headers=accept), timeout=60) as r:
+        files = json.load(r)["files"]
+    wheels = []
+    for f in files:
+        version = re.match(r"pip-(\d+(?:\.\d+)*)-.*\.whl$", f["filename"])  # no pre-releases
+        floor = re.search(r">=\s*(\d+)\.(\d+)", f.get("requires-python") or "")
+        if version and not f.get("yanked") and (
+                not floor or sys.version_info[:2] >= tuple(map(int, floor.groups()))):
+            wheels.append((tuple(map(int, version.group(1).split("."))), f))
+    if not wheels:
+        raise ValueError("no pip wheel on PyPI for Python %d.%d" % sys.version_info[:2])
+    f = max(wheels, key=lambda w: w[0])[1]
+    with urllib.request.urlopen(urllib.parse.urljoin(index, f["url"]), timeout=60) as r:
+        data = r.read()
+    if hashlib.sha256(data).hexdigest() != f["hashes"]["sha256"]:
+        raise ValueError("%s does not match its sha256 on PyPI" % f["filename"])
+    path = os.path.join(directory, f["filename"])
+    with open(path, "wb") as out:
+        out.write(data)
+    return path
 
 
 try:
@@ -1206,16 +1255,27 @@ def test_readme_config_table_lists_every_key():
     assert documented - example_keys == set(), "README.md documents keys notesd lacks"
 
 
-def test_every_readme_command_runs(tmp_path):
-    """Each command of README.md's table, run for real in a lifecycle, with
-    the exit code and output line the table promises."""
-    d = Daemon(tmp_path / "cmds")
-    out = {}
+def _readme_exit_codes():
+    """README.md's command table: command -> its 'exit codes' cell ('as `start`'
+    spelled out)."""
+    section = _readme().split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    cells = {}
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            parts = [p.strip() for p in row.strip("|").split("|")]
+            for name in re.findall(r"`([^`]+)`", parts[0]):
+                cells[name] = parts[-1]
+    for name, cell in cells.items():
+        cells[name] = cell.replace("as `start`", cells.get("start", "?"))
+    return cells
 
-    def cli(*command):
-        r = d.cli(*command)
-        out[command[0]] = r
-        return r
+
+def test_every_readme_command_runs(tmp_path):
+    """Each command of README.md's table, run for real in a lifecycle (first
+    with no daemon, then with one), with the exit code the table documents
+    for that case and the output it prints."""
+    cells = _readme_exit_codes()
+    d = Daemon(tmp_path / "cmds")
 
     def run_in_foreground():
         proc = subprocess.Popen(d.argv("run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1228,29 +1288,35 @@ def test_every_readme_command_runs(tmp_path):
         stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT)
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
-    # command -> (how to run it, exit code, what stdout must match)
-    expected = {
-        "start": (lambda: cli("start"), 0, START_LINE),
-        "status": (lambda: cli("status"), 0, STATUS_LINE),
-        "check": (lambda: cli("check"), 0, re.compile(r"^NOTESD OK - ")),
-        "configtest": (lambda: cli("configtest"), 0, re.compile(r"^listen = 127\.0\.0\.1:0$", re.M)),
-        "reload": (lambda: cli("reload"), 0, re.compile(r"^notesd reloaded, pid \d+$")),
-        "restart": (lambda: cli("restart"), 0, re.compile(r"^notesd stopped, pid \d+\n"
-                                                           + START_LINE.pattern[1:])),
-        "stop": (lambda: cli("stop"), 0, re.compile(r"^notesd stopped, pid \d+$")),
-        "run": (run_in_foreground, 0, re.compile(r"^$")),
-        "--version": (lambda: cli("--version"), 0, re.compile(r"^notesd \d+\.\d+")),
-        "-h": (lambda: cli("-h"), 0, re.compile(r"^usage: notesd\.py")),
-    }
-    commands = [name for names in _readme_table("Command line") for name in names]
-    assert set(commands) == set(expected), commands
+    start = START_LINE.pattern.strip("^$")
+    # (command, exit code, its meaning in the README's cell, the whole stdout)
+    steps = [
+        ("status", 3, "not running", r"notesd is not running"),
+        ("check", 2, "CRITICAL", r"NOTESD CRITICAL - [^\n]*"),
+        ("reload", 7, "not running", r""),
+        ("stop", 0, "stopped (also if it was not running)", r"notesd is not running"),
+        ("configtest", 0, "valid", r"listen = 127\.0\.0\.1:0\n.*"),
+        ("start", 0, "running", start),
+        ("start", 0, "running (also if it already was)", r"notesd[^\n]* running, pid \d+[^\n]*"),
+        ("status", 0, "running", STATUS_LINE.pattern.strip("^$")),
+        ("check", 0, "OK", r"NOTESD OK - [^\n]*"),
+        ("reload", 0, "applied", r"notesd reloaded, pid \d+"),
+        ("restart", 0, "running", r"notesd stopped, pid \d+\n" + start),
+        ("stop", 0, "stopped", r"notesd stopped, pid \d+"),
+        ("run", 0, "after a clean stop", r""),
+        ("--version", 0, "", r"notesd \d+(\.\d+)+"),
+        ("-h", 0, "", r"usage: notesd\.py .*"),
+    ]
+    assert set(cells) == {step[0] for step in steps}, "README commands: %s" % sorted(cells)
     try:
-        for command, (run, code, pattern) in expected.items():
-            r = run()
-            if command == "start":
+        for command, code, meaning, stdout in steps:
+            documented = r"(?:^|, )%d\b" % code + (" " + re.escape(meaning) if meaning else "")
+            assert re.search(documented, cells[command]), (command, code, meaning, cells[command])
+            r = run_in_foreground() if command == "run" else d.cli(command)
+            assert r.returncode == code, (command, r.returncode, r.stdout, r.stderr, d.log())
+            assert re.fullmatch(stdout, r.stdout.rstrip("\n"), re.S), (command, r.stdout)
+            if command in ("start", "restart"):
                 d.after_start()
-            assert r.returncode == code, (command, r.stdout, r.stderr, d.log())
-            assert pattern.search(r.stdout), (command, r.stdout, r.stderr)
     finally:
         d.cleanup()
 
@@ -1993,6 +2059,30 @@ def test_header_section_cut_by_fin_is_never_executed(shared, cut):
             reply += chunk
     assert not reply.startswith(b"HTTP/1.1 204"), reply
     assert shared.get("/%d/" % note["id"]).status == 200, "an incomplete DELETE ran"
+
+
+HUGE = b"9" * 5000  # past CPython's int() digit limit (4300 since 3.11)
+
+
+@pytest.mark.parametrize("request_bytes, expected", [
+    (b"GET /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    (b"DELETE /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\n\r\n", 204),
+    (b"PUT /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (b"GET /?limit=" + HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /?after=" + HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + HUGE + b"\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: " + HUGE
+     + b"\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nOrigin: http://[\r\nContent-Length: 2\r\n\r\n{}", 403),
+], ids=["get-id", "delete-id", "put-id", "limit", "after", "content-length", "expect", "origin"])
+def test_huge_numbers_and_bad_origins_get_a_clear_error(shared, request_bytes, expected):
+    """Every number a client sends goes through one parser: never a 500."""
+    status, headers, body, _ = exchange(shared.port, request_bytes)
+    if expected == 204:
+        assert status == 204, (status, body)
+    else:
+        assert_json_error(status, headers, body, expected)
+    assert "Traceback" not in shared.log()
 
 
 def test_http_1_1_without_host_is_400(shared):
