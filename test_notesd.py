@@ -191,6 +191,11 @@ def proc_status(pid):
     return out
 
 
+#: The prefix of this run's temp dirs outside pytest's tree (open_tmp): this
+#: run's own, so that two suites running at once never kill each other's daemons.
+OPEN_TMP_PREFIX = "notesd-test-%d-" % os.getpid()
+
+
 def notesd_processes(marker):
     """Live processes running notesd.py whose command line mentions marker."""
     found = []
@@ -449,7 +454,7 @@ def no_leaked_daemons(tmp_path_factory):
     """Safety net: at the end, kill (and report) any notesd started under our temp dirs."""
     base = str(tmp_path_factory.getbasetemp())
     yield
-    leaked = notesd_processes(base) + notesd_processes("notesd-test-")
+    leaked = notesd_processes(base) + notesd_processes(OPEN_TMP_PREFIX)
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -461,7 +466,7 @@ def no_leaked_daemons(tmp_path_factory):
 @pytest.fixture
 def open_tmp():
     """A temp dir outside pytest's 0700 tree, so an unprivileged daemon can reach it."""
-    d = tempfile.mkdtemp(prefix="notesd-test-", dir="/tmp")
+    d = tempfile.mkdtemp(prefix=OPEN_TMP_PREFIX, dir="/tmp")
     os.chmod(d, 0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
