@@ -1797,24 +1797,34 @@ def open_safely(path, flags, mode=0o600):
     return fd
 
 
+def trusted_ids(account=None):
+    """The uids and gids whose files and directories root may use: root's,
+    ours and, when it is a user of its own, the daemon's. `group` without
+    `user` leaves the daemon root: its group is then trusted with nothing."""
+    uids, gids = {0, os.geteuid()}, {0, os.getegid()}
+    if account is not None and account.uid != 0:
+        uids.add(account.uid)
+        gids.add(account.gid)
+    return uids, gids
+
+
 def check_directory(path, trusted, file_stat=None):
     """Refuse to keep a file root writes in a directory that somebody else
-    may write: he could swap the file for his own between two runs. `trusted`
-    is an Account or None for root and us alone; its owner must be trusted,
-    and group and others may not write it, unless the group is trusted or the
-    directory is sticky (/tmp) and `file_stat`, the file we opened, is ours:
-    nobody else may then rename or remove it. So systemd treats a PIDFile= in
-    a directory that an unprivileged user can write."""
+    may write: he could swap the file for his own between two runs.
+    `trusted` is trusted_ids(): the directory's owner must be one of its
+    uids, and group and others may not write it, unless the group is
+    trusted, or the directory is sticky (/tmp) and `file_stat`, the file we
+    opened, is trusted too: nobody else may then rename or remove it. So
+    systemd treats a PIDFile= in a directory an unprivileged user can write."""
     directory = os.path.dirname(path) or "."
     st = os.stat(directory)
-    uids, gids = {0, os.geteuid()}, {0, os.getegid()}
-    if trusted:
-        uids, gids = uids | {trusted.uid}, gids | {trusted.gid}
-    who = " or ".join(sorted({_user_name(uid) for uid in uids}))
-    shared = (st.st_uid not in uids or st.st_mode & stat.S_IWOTH or
+    uids, gids = trusted
+    others = (st.st_mode & stat.S_IWOTH or
               (st.st_mode & stat.S_IWGRP and st.st_gid not in gids))
-    if shared and not (st.st_mode & stat.S_ISVTX and file_stat is not None and
-                       file_stat.st_uid == os.geteuid()):
+    kept = (st.st_mode & stat.S_ISVTX and file_stat is not None and
+            file_stat.st_uid in uids)
+    if st.st_uid not in uids or (others and not kept):
+        who = " or ".join(sorted({_user_name(uid) for uid in uids}))
         raise NotesdError(
             f"{path}: its directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}, owner "
             f"{_user_name(st.st_uid)}) may be written by others, who could replace the "
@@ -1957,25 +1967,49 @@ PID_WRITE_GRACE = 1.0
 
 
 def _lock_owner(fd):
-    """The pid that holds a lock on the open file `fd` (-1: an OFD lock), or None."""
+    """The pid that holds a write lock on the open file `fd` (-1: an OFD
+    lock), or None when nobody does. A read lock raises a NotesdError: it
+    blocks our lockf() but is never a daemon's, and anyone who may read the
+    file can take one (with the pid it names, after pid reuse)."""
     fmt, names = FLOCK
     query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
     answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
     result = dict(zip(names, struct.unpack(fmt, answer)))
-    return None if result["type"] == fcntl.F_UNLCK else result["pid"]
+    if result["type"] == fcntl.F_UNLCK:
+        return None
+    if result["type"] != fcntl.F_WRLCK:
+        raise NotesdError(f"the pid file is read-locked by {_describe(result['pid'])}, "
+                          "which is not notesd")
+    return result["pid"]
+
+
+def _lock_holder(path):
+    """_lock_owner() of the pid file at `path`; None if it is gone or unusable."""
+    try:
+        fd = _open_published(path)
+    except (OSError, NotesdError):
+        return None
+    try:
+        return _lock_owner(fd)
+    except NotesdError:
+        return -1
+    finally:
+        os.close(fd)
 
 
 def running_pid(path):
     """The pid of the notesd that owns the pid file `path`, or None when no
     process holds its lock. Never takes the lock.
 
-    The holder counts as that notesd only if it is a real process (pid > 1),
-    the file holds its pid (the daemon writes it after locking; an attacker
-    cannot write a root daemon's file) and, where /proc lets us look, it has
-    the file open. Anything else holding the lock raises a NotesdError that
-    names it: it is not notesd, and nothing may signal it for notesd."""
+    The file must have been written by someone we trust (_open_published).
+    Its lock holder counts as that notesd only if it holds a write lock
+    (which needs the file open for writing), is a real process (pid > 1),
+    the file holds its pid (the daemon writes it after locking), and, where
+    /proc lets us look, it has the file open. Anything else holding the
+    lock raises a NotesdError that names it: it is not notesd, and nothing
+    may signal it for notesd."""
     try:
-        fd = open_safely(path, os.O_RDONLY)
+        fd = _open_published(path)
     except FileNotFoundError:
         return None
     try:
@@ -2043,7 +2077,7 @@ def _open_public(path):
     and the URL file: open_safely(), in a directory nobody else can write."""
     fd = open_safely(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        check_directory(path, None, os.fstat(fd))
+        check_directory(path, trusted_ids(), os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise
@@ -2107,13 +2141,44 @@ def write_url(pidfile, url):
         os.close(fd)
 
 
-def read_url(config):
+def _open_published(path):
+    """Open, to read, a file that a notesd published for all to read (the pid
+    file, the URL file), if someone we trust wrote it. Else a user who may
+    create files in its directory (/tmp) could plant both before notesd ever
+    ran: `start` would then believe it runs, and `check` send him the token.
+    Trusted: root and us, and for a caller that is not root the directory's
+    owner too (a monitoring user reading another user's daemon's files); the
+    directory must pass check_directory() with those."""
+    fd = open_safely(path, os.O_RDONLY)
     try:
-        fd = open_safely(url_file(config.pidfile), os.O_RDONLY)
+        st = os.fstat(fd)
+        uids, gids = trusted_ids()
+        if os.geteuid() != 0:
+            uids.add(os.stat(os.path.dirname(path) or ".").st_uid)
+        if st.st_uid not in uids:
+            raise NotesdError(f"{path} belongs to {_user_name(st.st_uid)}, who is not "
+                              "trusted to speak for notesd; refusing to use it")
+        check_directory(path, (uids, gids), st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+#: What a URL file may hold: the URL the daemon serves, nothing else.
+URL_FILE_RE = re.compile(r"http://[0-9A-Za-z.-]+(?::\d+)?/|http://\[[0-9A-Fa-f:.]+\](?::\d+)?/")
+
+
+def read_url(config):
+    """The URL in the URL file, or None if it is missing, untrusted or not a
+    URL that notesd writes (it reaches the terminal, and check sends a token)."""
+    try:
+        fd = _open_published(url_file(config.pidfile))
     except (OSError, NotesdError):
         return None
     with os.fdopen(fd, "rb") as f:
-        return f.read(4096).decode(errors="replace").strip() or None
+        url = f.read(4096).decode("ascii", errors="replace").strip()
+    return url if URL_FILE_RE.fullmatch(url) else None
 
 
 def _remove(path):
@@ -2331,6 +2396,8 @@ class Readiness:
         self._send("RUNNING", text)
 
     def failed(self, text):
+        if self.fd is None:  # `run`: nobody reads a pipe, so say it on stderr
+            print(f"notesd: {text}", file=sys.stderr)
         self._send("ERROR", text)
         self.systemd.notify(f"STATUS=failed: {text}")
 
@@ -2365,7 +2432,7 @@ def serve(config, readiness, foreground):
     os.umask(config.umask)  # here, not in step 5: `run` (systemd) needs it too
     try:
         account = daemon_account(config)
-        _make_state_dir(config.state_dir, account)
+        _make_state_dir(config, account)
         pidfile = PidFile(config.pidfile)
     except AlreadyRunning as e:
         if foreground:  # `run` did not start anything: that is a failure
@@ -2406,31 +2473,52 @@ def serve(config, readiness, foreground):
     return code
 
 
-def _make_state_dir(path, account):
+def _make_state_dir(config, account):
     """Step 6, first half: state_dir, created 0700 if missing. With a daemon
-    user it becomes that user's, for the database and log live there; but a
-    directory that notesd did not create is handed over only if root or that
-    user owns it already: chowning somebody else's (a typo in state_dir)
-    would give his files to the daemon's user."""
-    path = os.path.normpath(path)
+    user it becomes that user's, for the database and log live there. Root
+    hands over only a directory that cannot be somebody else's:
+      - never through a symbolic link (O_NOFOLLOW): whoever may write its
+        parent could point state_dir at /etc, and the parent must not be
+        writable by others (check_directory);
+      - one that is the user's already, or root's and holding nothing but
+        notesd's own files: a fresh one, or one left by a run as root before
+        `user` was set. A typo such as state_dir = /var/lib must not give
+        /var/lib to the user."""
+    path = os.path.normpath(config.state_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-        created = True
-    except FileExistsError:
-        created = False
     if account is None:
         return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        owner = os.fstat(fd).st_uid
-        if not created and owner not in (0, account.uid):
-            raise NotesdError(f"state_dir {path} belongs to uid {owner}, neither root nor "
-                              f"the daemon's user {account.name or account.uid}; refusing "
-                              "to hand it over (chown it yourself if it is meant for notesd)")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotesdError(f"state_dir {path} is not a directory (a symbolic link?); "
+                              "refusing to hand it to the daemon's user") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        check_directory(path, trusted_ids(account), st)
+        foreign = sorted(set(os.listdir(fd)) - _own_names(config, path))
+        if st.st_uid != account.uid and (st.st_uid != 0 or foreign):
+            holds = f" and holds {', '.join(foreign[:3])}" if foreign else ""
+            raise NotesdError(f"state_dir {path} belongs to {_user_name(st.st_uid)}{holds}; "
+                              f"refusing to hand it to the daemon's user "
+                              f"{account.name or account.uid} (chown it yourself if it is "
+                              "meant for notesd)")
         os.fchown(fd, account.uid, account.gid)
     finally:
         os.close(fd)
+
+
+def _own_names(config, directory):
+    """The names of the files notesd itself keeps in `directory`."""
+    db = config.database
+    paths = (db, db + "-wal", db + "-shm", db + "-journal", config.log,
+             config.pidfile, url_file(config.pidfile))
+    return {os.path.basename(p) for p in paths
+            if os.path.dirname(os.path.normpath(p)) == directory}
 
 
 def _open_store(path, account):
@@ -2438,7 +2526,7 @@ def _open_store(path, account):
     that a symbolic link planted as -wal or -shm, which sqlite would follow,
     leads nowhere that user may not go anyway. Files left by a run as root
     are handed over first, through their descriptors."""
-    check_directory(path, account)
+    check_directory(path, trusted_ids(account))
     for name in (path, path + "-wal", path + "-shm") if account else ():
         try:
             fd = open_safely(name, os.O_RDONLY)
@@ -2525,13 +2613,17 @@ def cmd_stop(config, args):
         print("notesd is not running")
         return 0
     _signal(pid, signal.SIGTERM)
-    if not _wait_for(lambda: not _alive(pid), config.timeout):
+    # Stopped means gone and its lock released: a process whose main thread
+    # has exited is a zombie while its other threads still hold the lock.
+    def stopped():
+        return not _alive(pid) and _lock_holder(config.pidfile) != pid
+    if not _wait_for(stopped, config.timeout):
         if not args.force:
             print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
                   "(use --force to kill it)", file=sys.stderr)
             return 1
         _signal(pid, signal.SIGKILL)
-        _wait_for(lambda: not _alive(pid), config.timeout)
+        _wait_for(stopped, config.timeout)
         print(f"notesd killed, pid {pid}")
     else:
         print(f"notesd stopped, pid {pid}")
@@ -2555,11 +2647,13 @@ def _remove_leftovers(config):
     """The pid and URL files a daemon could not remove (privileges dropped,
     chroot, or killed), once nobody holds the lock."""
     try:
-        fd = open_safely(config.pidfile, os.O_RDONLY)
+        fd = _open_published(config.pidfile)
     except (OSError, NotesdError):
-        return
+        return  # gone, or not ours to remove
     try:
         unlocked = _lock_owner(fd) is None
+    except NotesdError:
+        unlocked = False
     finally:
         os.close(fd)
     if unlocked:
@@ -2661,9 +2755,14 @@ def unreadable_config(config):
             f"chown root:{group} {config.path}; chmod 0640 {config.path}")
 
 
+def daemon_url(config):
+    """Where the daemon serves: its URL file, or else `listen`."""
+    return read_url(config) or f"http://{config.listen}/"
+
+
 def api_request(config, path, method="GET", body=None):
     """(status, JSON body) of a request to the running daemon."""
-    url = urllib.parse.urlsplit(read_url(config) or f"http://{config.listen}/")
+    url = urllib.parse.urlsplit(daemon_url(config))
     host = url.hostname
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     connection = http.client.HTTPConnection(host, url.port, timeout=config.timeout)
@@ -2691,7 +2790,7 @@ def cmd_check(config, args):
             return 2
         code, status = api_request(config, "/status")
     except (OSError, ValueError, http.client.HTTPException) as e:
-        print(f"NOTESD CRITICAL - no answer from {read_url(config)}: {e}")
+        print(f"NOTESD CRITICAL - no answer from {daemon_url(config)}: {e}")
         return 2
     lag = health.get("loop_lag_ms", 0.0)
     state = 2 if lag >= args.crit_lag else 1 if lag >= args.warn_lag else 0

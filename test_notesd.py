@@ -24,6 +24,7 @@ import pwd
 import re
 import shutil
 import signal
+import grp
 import socket
 import sqlite3
 import stat
@@ -2755,6 +2756,150 @@ def test_small_cli_texts(make_daemon):
     r = d.cli("run")
     assert r.returncode == 1
     assert r.stderr.startswith("notesd: already running, pid %d" % d.pid()), r.stderr
+
+
+###############################################################################
+# Operators and hostile local users: what the second look found #############
+###############################################################################
+
+
+@needs_root
+def test_state_dir_symlink_is_never_followed(make_daemon, open_tmp):
+    """The user owns state_dir's parent (his home, say) and makes state_dir a
+    symbolic link to a directory of root's: root must not chown that."""
+    nobody = pwd.getpwnam("nobody")
+    home = _directory(open_tmp, "home", 0o755)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    roots = _directory(open_tmp, "roots", 0o755)
+    state = os.path.join(home, "state")
+    _plant_symlink(roots, state)
+    d = make_daemon("--user", "nobody", "--state-dir", state, start=False)
+    _assert_start_refused(d, state)
+    assert os.stat(roots).st_uid == 0
+
+
+@needs_root
+def test_root_owned_state_dir_with_other_files_is_not_handed_over(make_daemon, open_tmp):
+    """state_dir = /var/lib, a typo: root must not give it to the user."""
+    lib = _directory(open_tmp, "lib", 0o755)
+    victim = _victim(lib)
+    d = make_daemon("--user", "nobody", "--state-dir", lib, start=False)
+    r = _assert_start_refused(d, lib, victim)
+    assert "victim" in r.stderr, r.stderr
+    assert os.stat(lib).st_uid == 0
+
+
+@needs_root
+def test_group_alone_trusts_no_group_with_the_database(make_daemon, open_tmp):
+    """With `group` and no `user` the daemon stays root: a database directory
+    that its group may write could be swapped by any member of that group."""
+    nogroup = grp.getgrgid(pwd.getpwnam("nobody").pw_gid)
+    shared = _directory(open_tmp, "grp", 0o770)
+    os.chown(shared, 0, nogroup.gr_gid)
+    d = make_daemon("--group", nogroup.gr_name, "--database",
+                    os.path.join(shared, "notes.db"), start=False)
+    _assert_start_refused(d, shared)
+
+
+def _impostor(open_tmp, sticky, lock="LOCK_EX"):
+    """What nobody can do in a sticky, world-writable directory before notesd
+    ever ran: a pid file holding his own pid, locked, and a URL file pointing
+    at a port that he listens on. Returns (process, listening socket)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.setblocking(False)
+    url = os.path.join(sticky, "notesd.url")
+    with open(url, "w") as f:
+        f.write("http://127.0.0.1:%d/\n" % listener.getsockname()[1])
+    nobody = pwd.getpwnam("nobody")
+    os.chown(url, nobody.pw_uid, nobody.pw_gid)
+    code = ("import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT, 0o644); "
+            "os.write(fd, b'%d\\n' % os.getpid()); fcntl.lockf(fd, fcntl." + lock + "); "
+            "print('locked', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([SYSTEM_PYTHON, "-c", code, os.path.join(sticky, "notesd.pid")],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/")
+    assert p.stdout.readline().strip() == "locked"
+    return p, listener
+
+
+@needs_other_user
+def test_pid_and_url_files_planted_in_a_sticky_directory(make_daemon, open_tmp):
+    sticky = _directory(open_tmp, "sticky", 0o1777)
+    d = make_daemon("--pidfile", os.path.join(sticky, "notesd.pid"), "--token", "s3cret",
+                    start=False)
+    impostor, listener = _impostor(open_tmp, sticky)
+    try:
+        for command, code in (("start", 1), ("status", 4), ("check", 3), ("stop", 1)):
+            r = d.cli(command)
+            assert r.returncode == code, (command, r.stdout, r.stderr)
+            assert "not" in r.stdout + r.stderr, (command, r.stdout, r.stderr)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody sent the token to the impostor's port
+        assert impostor.poll() is None
+    finally:
+        impostor.kill()
+        impostor.wait(timeout=CLI_TIMEOUT)
+        listener.close()
+
+
+def test_read_lock_by_a_reused_pid_is_not_notesd(make_daemon):
+    """After a crash the pid file stays, 0644: anyone may read-lock it, and
+    once pid reuse gives him the pid it names, he has the file open too."""
+    d = make_daemon()
+    os.kill(d.pid(), signal.SIGKILL)
+    wait_until(lambda: not alive(d.pid()), 5, d, "the daemon to die")
+    code = ("import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.lockf(fd, fcntl.LOCK_SH); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, d.pidfile], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with open(d.pidfile, "w") as f:  # what pid reuse amounts to
+            f.write("%d\n" % holder.pid)
+        r = d.cli("status")
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        assert "read-locked" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        r = d.cli("stop", "--force", "--timeout", "1")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert d.cli("check").returncode == 3
+        assert holder.poll() is None, "stop signalled a process that is not notesd"
+    finally:
+        holder.kill()
+        holder.wait(timeout=CLI_TIMEOUT)
+
+
+@needs_root
+def test_stop_of_a_user_daemon_removes_its_files(make_daemon, open_tmp):
+    """The daemon as nobody cannot remove root's pid file; stop must, and it
+    must not call the daemon stopped before the lock is released."""
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp,
+                    start=False)
+    for _ in range(3):
+        d.start()
+        d.stop()
+        assert not os.path.exists(d.pidfile) and not os.path.exists(d.urlfile)
+
+
+def test_run_says_why_it_cannot_start(tmp_path):
+    (tmp_path / "x").write_text("a file, not a directory")
+    d = Daemon(tmp_path / "fg", "--pidfile", str(tmp_path / "x" / "notesd.pid"))
+    r = d.cli("run", timeout=CLI_TIMEOUT)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "notesd.pid" in r.stderr, r.stderr
+
+
+def test_url_file_that_is_no_url_is_ignored(make_daemon):
+    d = make_daemon()
+    with open(d.urlfile, "w") as f:
+        f.write("x\x1b[2J\n")
+    for command, code in (("status", 0), ("check", 2)):  # check: listen's port is 0
+        r = d.cli(command)
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "\x1b" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
 
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
