@@ -112,6 +112,9 @@ MAX_ID = 2**53 - 1
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: environment variables the daemon keeps; the rest (a caller's PATH,
 #: PYTHONPATH, LD_PRELOAD ...) must not steer a long-running daemon.
+#: Works as --token does, without showing the token in ps (main() takes it
+#: out of the environment at once); how `start` hands a --token to the daemon.
+TOKEN_ENVIRONMENT = "NOTESD_TOKEN"
 KEEP_ENVIRONMENT = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
                     "NOTESD_CONFIG")
 #: codecs looked up before chroot and the drop of root (_enter_jail): text
@@ -348,10 +351,13 @@ class Config:
         return Config(values, self.path, self.overrides)
 
     def argv(self):
-        """Command-line arguments that load this configuration again."""
+        """Command-line arguments that load this configuration again, but for
+        a --token, which `start` hands over in TOKEN_ENVIRONMENT: any local
+        user may read a process's argv (ps), for as long as it runs."""
         args = ["-c", self.path] if self.path else []
         return args + [f"--{key.replace('_', '-')}={text}"
-                       for key, text in self.overrides.items() if text is not None]
+                       for key, text in self.overrides.items()
+                       if text is not None and key != "token"]
 
     def changed(self, other):
         """Keys whose values differ between self and other."""
@@ -2281,7 +2287,9 @@ def _clean_environment(config):
     argv = [sys.executable, "-I", "-S", os.path.abspath(__file__), *config.argv(), "start"]
     if os.environ != clean or not (sys.flags.isolated and sys.flags.no_site) or \
             sys.argv != argv[3:]:
-        os.execve(sys.executable, argv, clean)
+        token = config.overrides.get("token")
+        os.execve(sys.executable, argv,
+                  clean if token is None else {**clean, TOKEN_ENVIRONMENT: token})
 
 
 def daemonize(config):
@@ -2789,6 +2797,10 @@ def cmd_check(config, args):
             print(f"NOTESD CRITICAL - {health.get('message', f'/health answered {code}')}")
             return 2
         code, status = api_request(config, "/status")
+        if code != 200:  # healthy, but its figures are not ours to read
+            print(f"NOTESD UNKNOWN - /status answered {code}: "
+                  f"{status.get('message', 'no figures')}")
+            return 3
     except (OSError, ValueError, http.client.HTTPException) as e:
         print(f"NOTESD CRITICAL - no answer from {daemon_url(config)}: {e}")
         return 2
@@ -2873,6 +2885,9 @@ def build_parser():
 def main(argv=None):
     """The CLI: errors become one line and an exit code here, and only here."""
     args = build_parser().parse_args(argv)
+    token = os.environ.pop(TOKEN_ENVIRONMENT, None)
+    if args.token is None:
+        args.token = token
     cli = COMMANDS[args.command]
     try:
         config = Config.load(args.config, {key: getattr(args, key) for key in DEFAULTS},

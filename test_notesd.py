@@ -2901,6 +2901,25 @@ def test_url_file_that_is_no_url_is_ignored(make_daemon):
         assert "\x1b" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
+
+def test_token_given_to_start_never_shows_in_ps(make_daemon):
+    d = make_daemon("--token", "argv-secret")
+    with open("/proc/%d/cmdline" % d.pid(), "rb") as f:
+        assert b"argv-secret" not in f.read()
+    with open("/proc/%d/environ" % d.pid(), "rb") as f:
+        assert b"argv-secret" in f.read()  # root-only (0400), unlike cmdline
+    assert d.get("/status", headers={"Authorization": "Bearer argv-secret"}).status == 200
+    assert d.cli("check").returncode == 0
+
+
+def test_check_with_a_wrong_token_is_unknown(make_daemon):
+    d = make_daemon("--token", "right")
+    r = subprocess.run([sys.executable, NOTESD, *d.args, "--token", "wrong", "check"],
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
+    assert "401" in r.stdout, r.stdout
+
+
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
