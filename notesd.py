@@ -505,6 +505,72 @@ class Store:
             self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
         except sqlite3.Error as e:
             raise NotesdError(f"cannot open database {path}: {e}") from None
+        self.files = self._held_files()
+
+    def _held_files(self):
+        """{descriptor: path} of the database, -wal and -shm files that sqlite
+        holds open (it opened all three for the first read, above), found in
+        /proc/self/fd. Without /proc, vanished() can tell nothing."""
+        wanted = {os.path.realpath(self.path) + suffix for suffix in ("", "-wal", "-shm")}
+        held = {}
+        with contextlib.suppress(OSError):
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                    if target in wanted:
+                        held[int(fd)] = target
+        return held
+
+    def chroot(self, root):
+        """After chroot(2): the paths as seen from the new root."""
+        self.path = jailed(self.path, root)
+        self.files = {fd: jailed(path, root) for fd, path in self.files.items()}
+
+    def rescue(self):
+        """Copy the database as this connection still sees it to a new file
+        beside its path, mode 0600: removed files stay readable through the
+        descriptors sqlite holds, and the online backup API reads through
+        them. Returns the copy's path."""
+        copy = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(copy, flags, 0o600))
+        target = sqlite3.connect(copy)
+        try:
+            self.db.backup(target)
+        finally:
+            target.close()
+        return copy
+
+    def vanished(self):
+        """Why the files sqlite holds are no longer the files at their paths
+        (removed or replaced: a deleted -wal takes every commit since the last
+        checkpoint with it at the next start, a deleted database everything at
+        the next stop), or None. notesd cannot prevent it; it can notice."""
+        for fd, path in self.files.items():
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                return f"{path} was removed while notesd runs"
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                return f"{path} was replaced while notesd runs"
+        return None
+
+    def probe(self):
+        """A write that touches the disk (the header's user_version, rewritten
+        as it is): do writes work again, after the disk was full?"""
+        self.begin()
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.db.execute(f"PRAGMA user_version = {int(version)}")
+            self.commit()
+        finally:
+            self.rollback()
+
+    def ids_left(self):
+        """How many ids AUTOINCREMENT may still give before MAX_ID."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'notes'").fetchone()
+        return MAX_ID - (row[0] if row else 0)
 
     def _migrate(self):
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -627,7 +693,7 @@ class MainLoop:
     """The owner of all state; runs in the main thread.
 
     Methods for other threads: submit() (put a command and wait for it),
-    and reading the attributes `heartbeat`, `storage_ok`, `lag`, `config`
+    and reading the attributes `heartbeat`, `storage_problem`, `lag`, `config`
     and `closing`, which the loop replaces but never mutates in place.
     Methods for the main thread: run(), drain(), and the command handlers
     (the do_* methods, looked up by command name).
@@ -637,6 +703,9 @@ class MainLoop:
 
     #: commands that write: they run inside the batch's transaction.
     WRITES = frozenset({"create", "put", "delete"})
+    #: commands whose reply a rollback makes untrue: the writes, and the reads
+    #: that may have seen them (not status or config, which it leaves alone).
+    TRANSACTIONAL = WRITES | {"list", "get"}
 
     def __init__(self, config, commands, store, logs, systemd):
         self.config = config
@@ -652,7 +721,9 @@ class MainLoop:
         self.requests = collections.Counter()
         self.started = time.time()
         self.heartbeat = time.monotonic()
-        self.storage_ok = True
+        self.storage_problem = None  # why storage fails now (for /health), or None
+        self.storage_error = None    # the last storage error and when (for /status)
+        self.vanished = None         # why the database files are not ours any more
         self.lag = self._lag_window = 0.0
         self.reloads, self.last_reload = 0, None
         self.stopping = self.closing = False
@@ -711,17 +782,51 @@ class MainLoop:
     def tick(self, late):
         """Periodic work, once a TICK: heartbeat, storage check, statistics.
         Your own daemon's periodic work goes here; keep each run short."""
-        try:
-            self.store.ping()
-            self.storage_ok = True
-        except sqlite3.Error as e:
-            if self.storage_ok:
-                log.error("storage check failed: %s", e)
-            self.storage_ok = False
+        self._check_storage()
         self.lag, self._lag_window = max(self._lag_window, late), 0.0
         self._count_responses()
         if self.systemd.watchdog:  # proof of life: only a turning main loop sends it
             self.systemd.notify("WATCHDOG=1")
+
+    def _check_storage(self):
+        """Once a TICK: are the database files still the ones at their paths,
+        and does storage answer? After a failed write (a full disk) a write
+        probe tells when writes work again: /health recovers by itself."""
+        if self.vanished is None:
+            self.vanished = self.store.vanished()
+            if self.vanished:
+                self._storage_failed(f"{self.vanished}; writes are refused until notesd "
+                                     f"is restarted; {self._rescue()} (see the README, Backups)")
+        if self.vanished:
+            return
+        try:
+            if self.storage_problem:
+                self.store.probe()
+            else:
+                self.store.ping()
+        except sqlite3.Error as e:
+            self._storage_failed(f"storage error: {e}")
+        else:
+            self._storage_works()
+
+    def _rescue(self):
+        """What the daemon still holds, saved before a stop loses it."""
+        try:
+            return f"every note it held was saved to {self.store.rescue()}"
+        except (OSError, sqlite3.Error) as e:
+            return f"could not save the notes it held: {e}"
+
+    def _storage_failed(self, message):
+        """Say so in /health and /status, and in the log once per new cause."""
+        if message != self.storage_problem:
+            log.error("%s", message)
+        self.storage_problem = message
+        self.storage_error = {"message": message, "at": utc_now()}
+
+    def _storage_works(self):
+        if self.storage_problem and not self.vanished:
+            log.info("storage works again")
+            self.storage_problem = None
 
     def _batch(self, first):
         """The first command and what else waits, less those cancelled."""
@@ -741,14 +846,17 @@ class MainLoop:
         delta = 0     # their change to the note count, applied on commit
         for commands, run in self._steps(batch):
             try:
-                if commands[0].name in self.WRITES and not self.store.db.in_transaction:
-                    self.store.begin()
+                if commands[0].name in self.WRITES:
+                    if self.vanished:
+                        raise _http_error(503, self.storage_problem, ("Retry-After", "60"))
+                    if not self.store.db.in_transaction:
+                        self.store.begin()
                 results = run()
             except NotesdError as e:
                 for command in commands:
                     command.error = e
             except sqlite3.Error as e:
-                log.error("storage error in %s: %s", commands[0].name, e)
+                self._storage_failed(f"storage error in {commands[0].name}: {e}")
                 for command in commands:
                     command.error = _http_error(503, f"storage error: {e}", ("Retry-After", "5"))
                 self._abort(pending)
@@ -759,18 +867,23 @@ class MainLoop:
                     command.error = _http_error(500, f"internal error: {type(e).__name__}")
             else:
                 for command, result in zip(commands, results):
+                    if isinstance(result, NotesdError):  # one of a group refused
+                        command.error = result
+                        continue
                     command.result = result
                     if command.name in self.WRITES:
                         delta += result[2]
-                    if self.store.db.in_transaction:  # a read may have seen the writes
+                    if self.store.db.in_transaction and command.name in self.TRANSACTIONAL:
                         pending.append(command)
         if self.store.db.in_transaction:  # also after writes that were refused
             try:
                 self.store.commit()
                 self.store.count += delta
             except sqlite3.Error as e:
-                log.error("commit failed: %s", e)
+                self._storage_failed(f"storage error: commit failed: {e}")
                 self._abort(pending)
+            else:
+                self._storage_works()
         for command in batch:
             command.finish(command.result, command.error)
         log.debug("ran a batch of %d commands", len(batch))
@@ -812,8 +925,13 @@ class MainLoop:
         return self.store.get(note_id)
 
     def do_create(self, texts):
-        """Several creates at once (see _steps): a result for each text."""
-        return [(row, True, 1) for row in self.store.insert(texts, utc_now())]
+        """Several creates at once (see _steps): a result for each text, or
+        the error for those that no id is left for: ids past MAX_ID would
+        break the API's own schema, and JavaScript clients (2**53 - 1)."""
+        left = self.store.ids_left()
+        rows = self.store.insert(texts[:left], utc_now()) if left > 0 else []
+        full = _http_error(507, f"no note ids are left: the largest, {MAX_ID}, is taken")
+        return [(row, True, 1) for row in rows] + [full] * (len(texts) - len(rows))
 
     def do_put(self, note_id, text, if_match):
         old = self.store.get(note_id)
@@ -845,6 +963,8 @@ class MainLoop:
             "rss_bytes": rss_bytes(),
             "reloads": self.reloads,
             "last_reload": self.last_reload,
+            "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
+                        "last_error": self.storage_error},
         }
 
     def do_patch_config(self, changes):
@@ -1260,7 +1380,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             body["last_reload"] = {"ok": last["ok"], "at": last["at"]}
         problem = ("notesd is shutting down" if loop.closing or loop.stopping else
                    f"main loop stuck: no heartbeat for {age:.1f}s" if age > HEARTBEAT_STALE else
-                   "storage does not answer" if not loop.storage_ok else None)
+                   loop.storage_problem)
         if problem:
             body.update(status="unavailable", message=problem)
             return 503, body, [("Retry-After", "5")]
@@ -1837,6 +1957,12 @@ def check_directory(path, trusted, file_stat=None):
             f"file; use a directory that only {who} can write")
 
 
+def jailed(path, root):
+    """`path` as seen after chroot(root); unchanged if it lies outside."""
+    root = root.rstrip("/")
+    return path[len(root):] if path.startswith(root + "/") else path
+
+
 def _user_name(uid):
     try:
         return pwd.getpwuid(uid).pw_name
@@ -1946,7 +2072,7 @@ class Logs:
     def chroot(self, root):
         """After chroot(2) the log's path is relative to the new root, if inside it."""
         if self.path and self.path.startswith(root.rstrip("/") + "/"):
-            self.handler.baseFilename = self.path = self.path[len(root.rstrip("/")):]
+            self.handler.baseFilename = self.path = jailed(self.path, root)
 
 
 ###############################################################################
@@ -2458,7 +2584,7 @@ def serve(config, readiness, foreground):
         server = ApiServer(config)
         store = _open_store(config.database, account)
         write_url(config.pidfile, server.url)
-        _enter_jail(config, account, logs)
+        _enter_jail(config, account, logs, store)
     except (NotesdError, OSError) as e:
         log.error("cannot start: %s", _reason(e))
         readiness.failed(_reason(e))
@@ -2554,7 +2680,7 @@ def _reason(error):
     return str(error)
 
 
-def _enter_jail(config, account, logs):
+def _enter_jail(config, account, logs, store):
     """Step 7's second half: with every file open and the socket bound,
     chroot, then drop privileges for good (the files were handed over as
     they were opened: _make_state_dir, Logs.hand_to, _open_store)."""
@@ -2569,6 +2695,7 @@ def _enter_jail(config, account, logs):
         os.chroot(config.chroot)
         os.chdir("/")
         logs.chroot(config.chroot)
+        store.chroot(config.chroot)
     if account is None:
         return
     os.setgroups(account.groups)  # the user's groups, not root's

@@ -15,7 +15,11 @@ for the privilege, chroot and network-namespace tests (skipped otherwise).
 """
 
 import ast
+import concurrent.futures
+import contextlib
 import fcntl
+import glob
+import grp
 import http.client
 import json
 import os
@@ -24,7 +28,6 @@ import pwd
 import re
 import shutil
 import signal
-import grp
 import socket
 import sqlite3
 import stat
@@ -881,6 +884,9 @@ def test_chroot(make_daemon, open_tmp):
     r = d.post("in a chroot")
     assert r.status == 201, (r, d.log())
     assert d.get(r.json()["url"]).json()["text"] == "in a chroot"
+    # a tick or two later: the storage checks see the jailed paths right
+    wait_until(lambda: d.get("/status").json()["uptime"] > 2.5, 5, d, "two ticks")
+    assert d.get("/health").status == 200, d.get("/health").json()
     d.stop()
     assert not alive(pid)
 
@@ -2918,6 +2924,136 @@ def test_check_with_a_wrong_token_is_unknown(make_daemon):
                        capture_output=True, text=True, timeout=CLI_TIMEOUT)
     assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
     assert "401" in r.stdout, r.stdout
+
+
+
+###############################################################################
+# Storage that tells the truth ################################################
+###############################################################################
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a filesystem that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def _fill(path):
+    """Write zeros to `path` until the disk is full."""
+    with open(path, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+
+
+def _health(d):
+    r = d.get("/health")
+    return r.status, r.json().get("message", "")
+
+
+@needs_root
+def test_full_disk_shows_in_health_and_check_and_recovers(make_daemon, small_disk):
+    d = make_daemon("--database", small_disk / "notes.db")
+    assert d.post("before").status == 201
+    _fill(small_disk / "filler")
+    r = d.post("x" * 2000)
+    assert r.status == 503, r
+    status, message = _health(d)
+    assert status == 503 and "full" in message, (status, message)
+    r = d.cli("check")
+    assert r.returncode == 2 and "full" in r.stdout, r.stdout
+    storage = d.get("/status").json()["storage"]
+    assert not storage["ok"] and "full" in storage["last_error"]["message"], storage
+    os.unlink(small_disk / "filler")
+    wait_until(lambda: _health(d)[0] == 200, 5, d, "/health to recover by itself")
+    assert d.post("after").status == 201
+    assert d.cli("check").returncode == 0
+    storage = d.get("/status").json()["storage"]
+    assert storage["ok"] and storage["last_error"], storage  # the last error stays on view
+
+
+@pytest.mark.parametrize("name", ["notes.db", "notes.db-wal"])
+def test_removed_database_files_are_noticed(make_daemon, name):
+    d = make_daemon()
+    assert d.post("before").status == 201
+    os.unlink(os.path.join(d.dir, name))
+    wait_until(lambda: _health(d)[0] == 503, 5, d, "/health to notice")
+    assert name in _health(d)[1]
+    r = d.post("after the removal")
+    assert r.status == 503 and name in r.json()["message"], r
+    assert d.cli("check").returncode == 2
+    assert name in d.log()
+    rescued = glob.glob(d.database + ".rescued-*")
+    assert len(rescued) == 1 and rescued[0] in d.log(), (rescued, d.log())
+    assert stat.S_IMODE(os.stat(rescued[0]).st_mode) == 0o600
+    with contextlib.closing(sqlite3.connect(rescued[0])) as db:
+        assert [r[0] for r in db.execute("SELECT text FROM notes")] == ["before"]
+
+
+def test_replaced_database_is_noticed(make_daemon, tmp_path):
+    d = make_daemon()
+    other = tmp_path / "other.db"
+    shutil.copy(d.database, other)
+    os.rename(other, d.database)
+    wait_until(lambda: _health(d)[0] == 503, 5, d, "/health to notice")
+    assert "replaced" in _health(d)[1]
+
+
+@needs_root
+def test_failed_commit_tells_only_writes_they_were_rolled_back(make_daemon, small_disk):
+    """status and PATCH /config share a batch with failing writes: their
+    effect stands, so they must not be told "rolled back"."""
+    d = make_daemon("--database", small_disk / "notes.db")
+    _fill(small_disk / "filler")
+    wrong = []
+
+    def one_round(i):
+        level = ("info", "debug")[i % 2]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            post = pool.submit(d.post, "y" * 3000)
+            patch = pool.submit(d.request, "PATCH", "/config", {"log_level": level})
+            status = pool.submit(d.get, "/status")
+            replies = post.result(), patch.result(), status.result()
+        if replies[1].status != 200 or replies[2].status != 200:
+            wrong.append((i, [(r.status, r.body[:80]) for r in replies]))
+    for i in range(30):
+        one_round(i)
+    assert not wrong, wrong
+
+
+def test_no_id_past_the_limit_is_handed_out(make_daemon):
+    d = make_daemon()
+    top = 2**53 - 1
+    assert d.request("PUT", "/%d/" % top, {"text": "the last id"}).status == 201
+    r = d.post("one too many")
+    assert r.status == 507, r
+    assert str(top) in r.json()["message"]
+    assert d.get("/%d/" % top).status == 200
+    assert [n["id"] for n in d.get("/").json()] == [top]
+
+
+
+def test_recovery_from_a_removed_database_as_the_readme_says(make_daemon):
+    d = make_daemon()
+    ids = [d.note("note %d" % i)["id"] for i in range(5)]
+    os.unlink(d.database)
+    wait_until(lambda: glob.glob(d.database + ".rescued-*"), 5, d, "the rescue copy")
+    d.stop()
+    os.rename(glob.glob(d.database + ".rescued-*")[0], d.database)
+    for leftover in (d.database + "-wal", d.database + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    d.start()
+    assert [n["id"] for n in d.get("/").json()] == ids
+    assert d.post("after recovery").status == 201
 
 
 if __name__ == "__main__":
