@@ -105,6 +105,9 @@ BACKLOG = 1024
 ACCEPT_POLL = 0.05
 #: notes per page of GET /: the default and the most a client may ask for.
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
+#: sqlite virtual-machine steps between two looks at the clock of the key
+#: `command_budget` (sqlite's progress handler).
+BUDGET_STEPS = 1000
 #: largest note id a client may create: ids stay exact in JSON numbers read
 #: by JavaScript (RFC 8259 section 6), and AUTOINCREMENT keeps room above.
 MAX_ID = 2**53 - 1
@@ -236,6 +239,9 @@ DEFAULTS = {
                       "and check wait"),
     "queue_size": Option("10000", _parse_positive(int, 1, 10**6), False,
                          "commands waiting for the main loop before requests get 503"),
+    "command_budget": Option("50", _parse_positive(int, 1, 60000), True,
+                             "milliseconds a page or search may hold the main loop before "
+                             "it is aborted with 503; also what a batch spends on them"),
 }
 LIVE_KEYS = frozenset(k for k, o in DEFAULTS.items() if o.live)
 #: the keys that say where a running daemon's pid file is.
@@ -461,13 +467,59 @@ def example_config():
 ###############################################################################
 
 #: Schema migrations: MIGRATIONS[n] takes a database from user_version n to n+1.
+#: The substring index behind ?q= (SQLite 3.34's FTS5 trigram tokenizer):
+#: an external-content table (the text is kept once, in notes), kept in step
+#: with every write by triggers, inside the writer's own transaction.
+SEARCH_INDEX = (
+    """CREATE VIRTUAL TABLE notes_search USING fts5(
+           text, content='notes', content_rowid='id',
+           tokenize='trigram case_sensitive 1')""",
+    """CREATE TRIGGER notes_search_insert AFTER INSERT ON notes BEGIN
+           INSERT INTO notes_search (rowid, text) VALUES (new.id, new.text);
+       END""",
+    """CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN
+           INSERT INTO notes_search (notes_search, rowid, text)
+               VALUES ('delete', old.id, old.text);
+       END""",
+    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes BEGIN
+           INSERT INTO notes_search (notes_search, rowid, text)
+               VALUES ('delete', old.id, old.text);
+           INSERT INTO notes_search (rowid, text) VALUES (new.id, new.text);
+       END""",
+    "INSERT INTO notes_search (notes_search) VALUES ('rebuild')",
+)
+
+
+def _add_search_index(db):
+    """Migration 2: the search index, where this SQLite has FTS5's trigram
+    tokenizer; elsewhere ?q= scans (Store.search says which). Also run at
+    a start that finds it missing: a database may move between machines."""
+    if _has_trigram(db):
+        for statement in SEARCH_INDEX:
+            db.execute(statement)
+
+
+def _has_trigram(db):
+    try:
+        db.execute("CREATE VIRTUAL TABLE temp.probe USING fts5(x, tokenize='trigram')")
+    except sqlite3.OperationalError:
+        return False
+    db.execute("DROP TABLE temp.probe")
+    return True
+
+
+#: The schema, one step per version (PRAGMA user_version): SQL, or a
+#: function of the connection. Each runs in its own transaction.
 MIGRATIONS = [
     """CREATE TABLE notes (
            id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reuse a deleted id
            text    TEXT NOT NULL,
            created TEXT NOT NULL,                      -- RFC 3339, UTC
            updated TEXT NOT NULL)""",
+    _add_search_index,
 ]
+#: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
+SEARCH_MIN = 3
 
 Row = collections.namedtuple("Row", "id text created updated")
 
@@ -502,10 +554,50 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA temp_store=MEMORY")  # no temp files: works in a chroot
             self._migrate()
+            self.indexed = self._search_index()
             self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
         except sqlite3.Error as e:
             raise NotesdError(f"cannot open database {path}: {e}") from None
         self.files = self._held_files()
+        self.deadline, self.budget_aborts = float("inf"), 0
+        self.db.set_progress_handler(self._past_deadline, BUDGET_STEPS)
+
+    def _search_index(self):
+        """Is ?q= served by the index? A database indexed elsewhere, opened
+        by a SQLite without FTS5, would fail every write in its triggers."""
+        exists = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'")
+        if not exists.fetchone():
+            return False
+        if not _has_trigram(self.db):
+            raise sqlite3.DatabaseError(
+                f"its search index needs FTS5's trigram tokenizer, which this SQLite "
+                f"{sqlite3.sqlite_version} lacks (3.34 or later, with FTS5)")
+        return True
+
+    def indexes(self, text):
+        """Can the index serve a search for `text`?"""
+        return self.indexed and len(text) >= SEARCH_MIN
+
+    def _past_deadline(self):
+        return time.monotonic() > self.deadline
+
+    @contextlib.contextmanager
+    def budget(self, seconds, hint):
+        """Abort a statement of the block that runs past `seconds` (sqlite's
+        progress handler), as a 503 that says so and how to avoid it."""
+        self.deadline = time.monotonic() + seconds
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if time.monotonic() <= self.deadline or "interrupt" not in str(e):
+                raise
+            self.budget_aborts += 1
+            raise _http_error(503, f"this request needed more than the {seconds * 1000:g} ms "
+                              f"(key command_budget) a request may hold notesd's main loop; "
+                              f"{hint}",
+                              ("Retry-After", "1")) from None
+        finally:
+            self.deadline = float("inf")
 
     def _held_files(self):
         """{descriptor: path} of the database, -wal and -shm files that sqlite
@@ -579,8 +671,14 @@ class Store:
                                         f"notesd knows ({len(MIGRATIONS)})")
         for number in range(version, len(MIGRATIONS)):
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(MIGRATIONS[number])
+            step = MIGRATIONS[number]
+            step(self.db) if callable(step) else self.db.execute(step)
             self.db.execute(f"PRAGMA user_version = {number + 1}")
+            self.db.execute("COMMIT")
+        indexed = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'")
+        if not indexed.fetchone():
+            self.db.execute("BEGIN IMMEDIATE")
+            _add_search_index(self.db)
             self.db.execute("COMMIT")
 
     def begin(self):
@@ -601,8 +699,17 @@ class Store:
         self.db.close()
 
     def page(self, after, limit, text=None):
-        """Up to `limit` notes with id > after, oldest first, text containing `text`."""
-        if text:
+        """Up to `limit` notes with id > after, oldest first, text containing
+        `text` (case-sensitive): the index finds the candidates, instr()
+        keeps exactly those that contain it."""
+        if text and self.indexes(text):
+            phrase = '"' + text.replace('"', '""') + '"'  # FTS5 string: no operators
+            cursor = self.db.execute(
+                "SELECT notes.* FROM notes_search JOIN notes ON notes.id = notes_search.rowid"
+                " WHERE notes_search MATCH ? AND notes_search.rowid > ?"
+                " AND instr(notes.text, ?) > 0 ORDER BY notes_search.rowid LIMIT ?",
+                (phrase, after, text, limit))
+        elif text:
             cursor = self.db.execute(
                 "SELECT * FROM notes WHERE id > ? AND instr(text, ?) > 0 ORDER BY id LIMIT ?",
                 (after, text, limit))
@@ -728,6 +835,10 @@ class MainLoop:
         self.reloads, self.last_reload = 0, None
         self.stopping = self.closing = False
         self.server = None
+        self.carried = collections.deque()  # reads a batch had no time for
+        self.aborted = False
+        self.slowest = self.slowest_before = None  # (command, seconds, at)
+        self.slowest_since = time.monotonic()
 
     # -- for any thread ----------------------------------------------------
 
@@ -749,11 +860,8 @@ class MainLoop:
         """Execute commands as they come, and tick() at least once a TICK."""
         next_tick = time.monotonic()
         while not self.stopping:
-            try:
-                first = self.commands.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                first = None
-            if first is not None:
+            first = self._next(max(0.0, next_tick - time.monotonic()))
+            if first is not None or self.carried:
                 self.execute(self._batch(first))
             now = time.monotonic()
             self.heartbeat = now
@@ -761,21 +869,30 @@ class MainLoop:
                 self.tick(now - next_tick)
                 next_tick = now + self.period
 
+    def _next(self, timeout):
+        """The next queued command, waiting up to `timeout` (not at all while
+        reads are carried over from the last batch), or None."""
+        try:
+            return self.commands.get(timeout=0 if self.carried else timeout)
+        except queue.Empty:
+            return None
+
     def drain(self, quiet=0.05, grace=5.0):
         """After the listener closed: finish what requests in flight queued,
         until the queue stays empty for `quiet` seconds (at most `grace`)."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                first = self.commands.get(timeout=quiet)
-            except queue.Empty:
+            first = self._next(quiet)
+            if first is None and not self.carried:
                 break
             self.execute(self._batch(first))
         self.closing = True
+        shutting = _http_error(503, "notesd is shutting down", ("Retry-After", "5"))
+        while self.carried:
+            self.carried.popleft().finish(error=shutting)
         while True:  # anything queued after the last look gets a clear 503
             try:
-                self.commands.get_nowait().finish(
-                    error=_http_error(503, "notesd is shutting down", ("Retry-After", "5")))
+                self.commands.get_nowait().finish(error=shutting)
             except queue.Empty:
                 break
 
@@ -829,52 +946,57 @@ class MainLoop:
             self.storage_problem = None
 
     def _batch(self, first):
-        """The first command and what else waits, less those cancelled."""
-        batch = [first]
-        self._lag_window = max(self._lag_window, time.monotonic() - first.queued_at)
+        """The reads carried over from the last batch (claimed already), then
+        the first command and what else waits, less those cancelled."""
+        carried, self.carried = list(self.carried), collections.deque()
+        batch = [] if first is None else [first]
+        for command in carried or batch:
+            self._lag_window = max(self._lag_window, time.monotonic() - command.queued_at)
+            break
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self.commands.get_nowait())
             except queue.Empty:
                 break
-        return [command for command in batch if command.claim()]
+        return carried + [command for command in batch if command.claim()]
 
     def execute(self, batch):
-        """Run a batch; its writes share one transaction, committed (one fsync)
-        before any reply goes out, so every acknowledged write is durable."""
+        """Run a batch: first its writes and quick reads, the writes sharing one
+        transaction committed (one fsync) before any reply goes out, so every
+        acknowledged write is durable; then its pages (GET /, searches), each
+        under the key `command_budget`, for one budget in all: the rest are
+        carried to the next turn of the loop, so the heartbeat, tick() and
+        the watchdog keep their rhythm however many searches wait. One search
+        must never hold the loop that every other request waits on. Every command
+        of a batch was in flight at once: any order among them is one the
+        clients could have seen (linearizable)."""
+        started = time.monotonic()
+        pages = [command for command in batch if command.name == "list"]
+        self._run_transaction([command for command in batch if command.name != "list"])
+        for n, command in enumerate(pages):
+            if n and time.monotonic() - started > self.config.command_budget / 1000:
+                self.carried.extend(pages[n:])
+                break
+            self._run_step([command], lambda c=command: [self.do_list(*c.args)])
+        carried = set(self.carried)
+        for command in batch:
+            if command not in carried:
+                command.finish(command.result, command.error)
+        log.debug("ran a batch of %d commands", len(batch) - len(carried))
+
+    def _run_transaction(self, commands):
+        """The writes and quick reads of a batch, and the COMMIT of its writes."""
         pending = []  # commands that ran in the open transaction: saved only by its COMMIT
         delta = 0     # their change to the note count, applied on commit
-        for commands, run in self._steps(batch):
-            try:
-                if commands[0].name in self.WRITES:
-                    if self.vanished:
-                        raise _http_error(503, self.storage_problem, ("Retry-After", "60"))
-                    if not self.store.db.in_transaction:
-                        self.store.begin()
-                results = run()
-            except NotesdError as e:
-                for command in commands:
-                    command.error = e
-            except sqlite3.Error as e:
-                self._storage_failed(f"storage error in {commands[0].name}: {e}")
-                for command in commands:
-                    command.error = _http_error(503, f"storage error: {e}", ("Retry-After", "5"))
+        for group, run in self._steps(commands):
+            if self._run_step(group, run, opens=group[0].name in self.WRITES):
+                if self.store.db.in_transaction:
+                    pending += [c for c in group if c.name in self.TRANSACTIONAL and not c.error]
+                    delta += sum(c.result[2] for c in group
+                                 if c.name in self.WRITES and not c.error)
+            elif self.aborted:
                 self._abort(pending)
                 pending, delta = [], 0
-            except Exception as e:  # a bug: keep serving, say so in the log
-                log.exception("internal error in command %s", commands[0].name)
-                for command in commands:
-                    command.error = _http_error(500, f"internal error: {type(e).__name__}")
-            else:
-                for command, result in zip(commands, results):
-                    if isinstance(result, NotesdError):  # one of a group refused
-                        command.error = result
-                        continue
-                    command.result = result
-                    if command.name in self.WRITES:
-                        delta += result[2]
-                    if self.store.db.in_transaction and command.name in self.TRANSACTIONAL:
-                        pending.append(command)
         if self.store.db.in_transaction:  # also after writes that were refused
             try:
                 self.store.commit()
@@ -884,16 +1006,57 @@ class MainLoop:
                 self._abort(pending)
             else:
                 self._storage_works()
-        for command in batch:
-            command.finish(command.result, command.error)
-        log.debug("ran a batch of %d commands", len(batch))
+
+    def _run_step(self, commands, run, opens=False):
+        """Run one step, setting each command's result or error; True if it
+        ran. `opens`: a write, which needs the batch's transaction open.
+        Sets self.aborted when a storage error spoiled the transaction."""
+        self.aborted = False
+        started = time.monotonic()
+        try:
+            if opens:
+                if self.vanished:
+                    raise _http_error(503, self.storage_problem, ("Retry-After", "60"))
+                if not self.store.db.in_transaction:
+                    self.store.begin()
+            results = run()
+        except NotesdError as e:
+            for command in commands:
+                command.error = e
+            return False
+        except sqlite3.Error as e:
+            self._storage_failed(f"storage error in {commands[0].name}: {e}")
+            for command in commands:
+                command.error = _http_error(503, f"storage error: {e}", ("Retry-After", "5"))
+            self.aborted = True
+            return False
+        except Exception as e:  # a bug: keep serving, say so in the log
+            log.exception("internal error in command %s", commands[0].name)
+            for command in commands:
+                command.error = _http_error(500, f"internal error: {type(e).__name__}")
+            return False
+        finally:
+            self._timed(commands[0].name, time.monotonic() - started)
+        for command, result in zip(commands, results):
+            if isinstance(result, NotesdError):  # one of a group refused
+                command.error = result
+            else:
+                command.result = result
+        return True
+
+    def _timed(self, name, seconds):
+        """Keep the slowest command of the last minute, for /status."""
+        now = time.monotonic()
+        if now - self.slowest_since > 60:
+            self.slowest_before, self.slowest = self.slowest, None
+            self.slowest_since = now
+        if self.slowest is None or seconds > self.slowest[1]:
+            self.slowest = (name, seconds, utc_now())
 
     def _steps(self, batch):
         """The batch as (commands, run) steps, run() giving their results: all
         creates first, as one INSERT (a tenth more POSTs per second, bench/),
-        then every other command on its own, in order. Every command of a
-        batch was in flight at once, so any order among them is one the
-        clients could have seen (linearizable)."""
+        then every other command on its own, in order."""
         creates = [command for command in batch if command.name == "create"]
         if creates:
             yield creates, lambda: self.do_create([command.args[0] for command in creates])
@@ -919,7 +1082,12 @@ class MainLoop:
     # Writes return (reply, created?, change to the note count).
 
     def do_list(self, after, limit, text):
-        return self.store.page(after, limit, text)
+        scan = text and not self.store.indexes(text)
+        hint = (f"a ?q= that the index cannot serve (shorter than {SEARCH_MIN} characters) "
+                "scans every note: use a longer one" if scan else
+                "narrow it: a smaller limit, or a longer ?q=")
+        with self.store.budget(self.config.command_budget / 1000, hint):
+            return self.store.page(after, limit, text)
 
     def do_get(self, note_id):
         return self.store.get(note_id)
@@ -965,7 +1133,16 @@ class MainLoop:
             "last_reload": self.last_reload,
             "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
                         "last_error": self.storage_error},
+            "search": "index (FTS5 trigram)" if self.store.indexed else "scan (no FTS5 trigram)",
+            "commands": self._command_figures(),
         }
+
+    def _command_figures(self):
+        slowest = max(filter(None, (self.slowest, self.slowest_before)), default=None,
+                      key=lambda entry: entry[1])
+        return {"budget_aborts": self.store.budget_aborts,
+                "slowest_last_minute": slowest and {
+                    "command": slowest[0], "ms": round(slowest[1] * 1000, 3), "at": slowest[2]}}
 
     def do_patch_config(self, changes):
         new = self.config.replace(changes)

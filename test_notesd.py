@@ -3056,6 +3056,95 @@ def test_recovery_from_a_removed_database_as_the_readme_says(make_daemon):
     assert d.post("after recovery").status == 201
 
 
+
+###############################################################################
+# Search and the main loop's time budget ######################################
+###############################################################################
+
+
+def _search(d, q, **params):
+    r = d.get("/?" + urllib.parse.urlencode({"q": q, **params}))
+    assert r.status == 200, r
+    return [n["id"] for n in r.json()]
+
+
+def test_search_finds_exactly_the_substring(make_daemon):
+    d = make_daemon()
+    texts = ["The quick brown fox", "Apple pie", "apple tart", "unicode: 日本語のテキスト",
+             'quote " and OR NEAR( * ^ -x', "ab", "x y z", "Quick brownies"]
+    notes = {d.note(t)["id"]: t for t in texts}
+
+    def expected(q):
+        return [i for i, t in sorted(notes.items()) if q in t]
+    for q in ("uick br", "Apple", "apple", "本語の", '" and OR', "NEAR(", "* ^ -", "y z",
+              "nothing-here", "ab", "b", "日本", "Quick"):
+        assert _search(d, q) == expected(q), q
+    first = min(notes)
+    assert d.request("PUT", "/%d/" % first, {"text": "now a slow red fox"}).status == 200
+    notes[first] = "now a slow red fox"
+    assert d.request("DELETE", "/%d/" % max(notes)).status == 204
+    del notes[max(notes)]
+    for q in ("uick br", "slow red", "Quick", "fox"):
+        assert _search(d, q) == expected(q), q
+
+
+def test_search_pages_follow_link(make_daemon):
+    d = make_daemon()
+    ids = [d.note("hay %d needle %d" % (i, i))["id"] for i in range(7)]
+    d.note("only hay")
+    seen, path = [], "/?" + urllib.parse.urlencode({"q": "needle", "limit": 3})
+    while path:
+        r = d.get(path)
+        seen += [n["id"] for n in r.json()]
+        link = r.header("Link")
+        path = link and link.split(">")[0].lstrip("<")
+    assert seen == ids
+
+
+def _old_database(path, texts):
+    """A database as the first schema left it (user_version 1, no index)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                   "text TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL)")
+        db.executemany("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
+                       ((t, "2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z") for t in texts))
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+
+
+def test_existing_database_gets_the_search_index(make_daemon, tmp_path):
+    d = make_daemon(start=False)
+    _old_database(d.database, ["old note %d" % i for i in range(100)] + ["a unique word"])
+    d.start()
+    assert _search(d, "unique wor") == [101]
+    assert _search(d, "note 5") == [6] + list(range(51, 61))
+    status = d.get("/status").json()
+    assert status["search"].startswith("index"), status
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("SELECT count(*) FROM notes_search WHERE notes_search MATCH "
+                          "'\"unique\"'").fetchone()[0] == 1
+
+
+def test_a_slow_search_is_aborted_and_the_loop_keeps_turning(make_daemon):
+    d = make_daemon("--command-budget", "1", start=False)
+    _old_database(d.database, ("filler text number %d, nothing to find" % i
+                               for i in range(60000)))
+    d.start()
+    note = d.note("findable")
+    r = d.get("/?q=zq")  # two characters: the index cannot serve it, so it scans
+    assert r.status == 503, r
+    message = r.json()["message"]
+    assert "command_budget" in message and "longer" in message, message
+    assert d.get("/health").status == 200
+    assert d.get("/%d/" % note["id"]).status == 200
+    commands = d.get("/status").json()["commands"]
+    assert commands["budget_aborts"] >= 1, commands
+    assert commands["slowest_last_minute"]["command"] == "list", commands
+    assert _search(d, "findable") == [note["id"]]  # the index needs no scan
+
+
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
