@@ -467,33 +467,43 @@ def example_config():
 ###############################################################################
 
 #: Schema migrations: MIGRATIONS[n] takes a database from user_version n to n+1.
-#: The substring index behind ?q= (SQLite 3.34's FTS5 trigram tokenizer):
-#: an external-content table (the text is kept once, in notes), kept in step
-#: with every write by triggers, inside the writer's own transaction.
+#: The substring index behind ?q= (SQLite 3.34's FTS5 trigram tokenizer),
+#: an external-content table: the text is kept once, in notes. Indexing a
+#: note costs ten times its INSERT (bench/), so a write only queues its id
+#: in notes_unindexed, in its own transaction; the main loop indexes the
+#: queue in bulk when idle (and a little every tick), as PostgreSQL's GIN
+#: fastupdate does, and a search reads the index and the queue (Store.page).
+#: Only the removal of a note already indexed is done at once: FTS5 needs
+#: the very text it indexed to take it out.
 SEARCH_INDEX = (
     """CREATE VIRTUAL TABLE notes_search USING fts5(
            text, content='notes', content_rowid='id',
            tokenize='trigram case_sensitive 1')""",
+    "CREATE TABLE notes_unindexed (id INTEGER PRIMARY KEY)",
+    "INSERT INTO notes_unindexed (id) SELECT id FROM notes",
     """CREATE TRIGGER notes_search_insert AFTER INSERT ON notes BEGIN
-           INSERT INTO notes_search (rowid, text) VALUES (new.id, new.text);
+           INSERT INTO notes_unindexed (id) VALUES (new.id);
+       END""",
+    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes
+       WHEN NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id) BEGIN
+           INSERT INTO notes_search (notes_search, rowid, text)
+               VALUES ('delete', old.id, old.text);
+           INSERT INTO notes_unindexed (id) VALUES (new.id);
        END""",
     """CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN
            INSERT INTO notes_search (notes_search, rowid, text)
-               VALUES ('delete', old.id, old.text);
+               SELECT 'delete', old.id, old.text
+               WHERE NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id);
+           DELETE FROM notes_unindexed WHERE id = old.id;
        END""",
-    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes BEGIN
-           INSERT INTO notes_search (notes_search, rowid, text)
-               VALUES ('delete', old.id, old.text);
-           INSERT INTO notes_search (rowid, text) VALUES (new.id, new.text);
-       END""",
-    "INSERT INTO notes_search (notes_search) VALUES ('rebuild')",
 )
 
 
 def _add_search_index(db):
     """Migration 2: the search index, where this SQLite has FTS5's trigram
-    tokenizer; elsewhere ?q= scans (Store.search says which). Also run at
-    a start that finds it missing: a database may move between machines."""
+    tokenizer; elsewhere ?q= scans (Store.indexed says which). Also run at
+    a start that finds it missing: a database may move between machines.
+    Instant: the notes are only queued; the main loop indexes them."""
     if _has_trigram(db):
         for statement in SEARCH_INDEX:
             db.execute(statement)
@@ -520,6 +530,9 @@ MIGRATIONS = [
 ]
 #: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
 SEARCH_MIN = 3
+#: notes indexed per transaction when the main loop catches up, and seconds
+#: it spends on that at once (while idle: then it looks at the queue again).
+INDEX_CHUNK, INDEX_SLICE = 200, 0.02
 
 Row = collections.namedtuple("Row", "id text created updated")
 
@@ -555,6 +568,7 @@ class Store:
             self.db.execute("PRAGMA temp_store=MEMORY")  # no temp files: works in a chroot
             self._migrate()
             self.indexed = self._search_index()
+            self.unindexed = self.indexed  # maybe: index_some() finds out
             self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
         except sqlite3.Error as e:
             raise NotesdError(f"cannot open database {path}: {e}") from None
@@ -577,6 +591,36 @@ class Store:
     def indexes(self, text):
         """Can the index serve a search for `text`?"""
         return self.indexed and len(text) >= SEARCH_MIN
+
+    def index_some(self, seconds):
+        """Index queued notes, INDEX_CHUNK per transaction, for about
+        `seconds`; how many are left, as far as it saw (0: caught up)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            ids = self.db.execute("SELECT id FROM notes_unindexed ORDER BY id LIMIT ?",
+                                  (INDEX_CHUNK,)).fetchall()
+            if not ids:
+                self.unindexed = 0
+                return 0
+            self.begin()
+            try:
+                self.db.execute("INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
+                                " FROM notes_unindexed AS u JOIN notes AS n ON n.id = u.id"
+                                " WHERE u.id <= ?", ids[-1])
+                self.db.execute("DELETE FROM notes_unindexed WHERE id <= ?", ids[-1])
+                self.commit()
+            finally:
+                self.rollback()
+            if len(ids) < INDEX_CHUNK:
+                self.unindexed = 0
+                return 0
+            if time.monotonic() >= deadline:
+                return len(ids)
+
+    def unindexed_count(self):
+        if not self.indexed:
+            return None
+        return self.db.execute("SELECT count(*) FROM notes_unindexed").fetchone()[0]
 
     def _past_deadline(self):
         return time.monotonic() > self.deadline
@@ -705,9 +749,10 @@ class Store:
         if text and self.indexes(text):
             phrase = '"' + text.replace('"', '""') + '"'  # FTS5 string: no operators
             cursor = self.db.execute(
-                "SELECT notes.* FROM notes_search JOIN notes ON notes.id = notes_search.rowid"
-                " WHERE notes_search MATCH ? AND notes_search.rowid > ?"
-                " AND instr(notes.text, ?) > 0 ORDER BY notes_search.rowid LIMIT ?",
+                "SELECT * FROM notes WHERE id IN ("
+                " SELECT rowid FROM notes_search WHERE notes_search MATCH ?1 AND rowid > ?2"
+                " UNION ALL SELECT id FROM notes_unindexed WHERE id > ?2)"
+                " AND instr(text, ?3) > 0 ORDER BY id LIMIT ?4",
                 (phrase, after, text, limit))
         elif text:
             cursor = self.db.execute(
@@ -730,10 +775,12 @@ class Store:
         values = ", ".join(["(?, ?, ?)"] * len(texts))
         cursor = self.db.execute(f"INSERT INTO notes (text, created, updated) VALUES {values}",
                                  [value for text in texts for value in (text, now, now)])
+        self.unindexed = self.indexed
         first = cursor.lastrowid - len(texts) + 1
         return [Row(first + n, text, now, now) for n, text in enumerate(texts)]
 
     def put(self, note_id, text, now, old):
+        self.unindexed = self.indexed
         if old:
             self.db.execute("UPDATE notes SET text = ?, updated = ? WHERE id = ?",
                             (text, now, note_id))
@@ -860,7 +907,12 @@ class MainLoop:
         """Execute commands as they come, and tick() at least once a TICK."""
         next_tick = time.monotonic()
         while not self.stopping:
-            first = self._next(max(0.0, next_tick - time.monotonic()))
+            wait = max(0.0, next_tick - time.monotonic())
+            if self.store.unindexed and self.commands.empty() and not self.carried and \
+                    not self.storage_problem:  # idle: catch the search index up
+                self._index()
+                wait = 0.0
+            first = self._next(wait)
             if first is not None or self.carried:
                 self.execute(self._batch(first))
             now = time.monotonic()
@@ -900,10 +952,18 @@ class MainLoop:
         """Periodic work, once a TICK: heartbeat, storage check, statistics.
         Your own daemon's periodic work goes here; keep each run short."""
         self._check_storage()
+        if self.store.unindexed and not self.storage_problem:
+            self._index()  # a little on every tick, however busy the loop is
         self.lag, self._lag_window = max(self._lag_window, late), 0.0
         self._count_responses()
         if self.systemd.watchdog:  # proof of life: only a turning main loop sends it
             self.systemd.notify("WATCHDOG=1")
+
+    def _index(self):
+        try:
+            self.store.index_some(INDEX_SLICE)
+        except sqlite3.Error as e:
+            self._storage_failed(f"storage error while indexing: {e}")
 
     def _check_storage(self):
         """Once a TICK: are the database files still the ones at their paths,
@@ -1085,7 +1145,8 @@ class MainLoop:
         scan = text and not self.store.indexes(text)
         hint = (f"a ?q= that the index cannot serve (shorter than {SEARCH_MIN} characters) "
                 "scans every note: use a longer one" if scan else
-                "narrow it: a smaller limit, or a longer ?q=")
+                "narrow it (a smaller limit, a longer ?q=), or retry once the search "
+                "index has caught up with recent writes (/status: search.unindexed)")
         with self.store.budget(self.config.command_budget / 1000, hint):
             return self.store.page(after, limit, text)
 
@@ -1133,7 +1194,8 @@ class MainLoop:
             "last_reload": self.last_reload,
             "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
                         "last_error": self.storage_error},
-            "search": "index (FTS5 trigram)" if self.store.indexed else "scan (no FTS5 trigram)",
+            "search": {"mode": "index" if self.store.indexed else "scan",
+                       "unindexed": self.store.unindexed_count()},
             "commands": self._command_figures(),
         }
 

@@ -3119,7 +3119,7 @@ def test_existing_database_gets_the_search_index(make_daemon, tmp_path):
     assert _search(d, "unique wor") == [101]
     assert _search(d, "note 5") == [6] + list(range(51, 61))
     status = d.get("/status").json()
-    assert status["search"].startswith("index"), status
+    assert status["search"]["mode"] == "index", status
     d.stop()
     with contextlib.closing(sqlite3.connect(d.database)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
@@ -3130,9 +3130,11 @@ def test_existing_database_gets_the_search_index(make_daemon, tmp_path):
 def test_a_slow_search_is_aborted_and_the_loop_keeps_turning(make_daemon):
     d = make_daemon("--command-budget", "1", start=False)
     _old_database(d.database, ("filler text number %d, nothing to find" % i
-                               for i in range(60000)))
+                               for i in range(30000)))
     d.start()
     note = d.note("findable")
+    wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 60, d,
+               "the search index to catch up")
     r = d.get("/?q=zq")  # two characters: the index cannot serve it, so it scans
     assert r.status == 503, r
     message = r.json()["message"]
@@ -3141,7 +3143,7 @@ def test_a_slow_search_is_aborted_and_the_loop_keeps_turning(make_daemon):
     assert d.get("/%d/" % note["id"]).status == 200
     commands = d.get("/status").json()["commands"]
     assert commands["budget_aborts"] >= 1, commands
-    assert commands["slowest_last_minute"]["command"] == "list", commands
+    assert commands["slowest_last_minute"]["ms"] >= 1, commands  # the aborted search, or slower
     assert _search(d, "findable") == [note["id"]]  # the index needs no scan
 
 
