@@ -1616,14 +1616,15 @@ def _host_allowed(host, allowed):
     allowed_hosts (RFC 9110 7.2, 15.5.20). Ports are not compared, as the page
     chooses its port, never its name. An IP address is always allowed: a
     browser sends one only to the site that has that address as its name.
-    No Host (HTTP/1.0) is allowed too: no browser omits it."""
-    if host is None:
+    No Host (HTTP/1.0) is allowed too: no browser omits it. And with *, any
+    Host, even one that is no host name (a container's 'notes_app')."""
+    if host is None or ("*", None) in allowed:
         return True
     parsed = _split_host(host)
     if parsed is None:
         return False
     name = parsed[0]
-    return any(entry in ("*", name) for entry, _ in allowed) or _is_address(name)
+    return any(entry == name for entry, _ in allowed) or _is_address(name)
 
 
 def _origin_allowed(origin, allowed, host, own_port):

@@ -2908,6 +2908,7 @@ def test_star_allows_any_name_and_same_origin_writes(make_daemon):
     d = make_daemon("--allowed-hosts", "*")
     name = "anything.example:%d" % d.port
     assert _addressed(d, "GET", "/", name).status == 200
+    assert _addressed(d, "GET", "/", "notes_app:%d" % d.port).status == 200
     assert _addressed(d, "POST", "/", name, "http://" + name, "same origin").status == 201
     r = _addressed(d, "POST", "/", "127.0.0.1:%d" % d.port, "http://" + name, "cross")
     assert_error(r, 403)
