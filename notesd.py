@@ -1593,16 +1593,16 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def _origin_host(origin):
     """(host[:port] as written, name, port) of an Origin header (RFC 6454 7),
-    the port the scheme's default if it names none; None if it is malformed
-    ('http://[' makes urlsplit raise) or "null": such an origin matches nothing."""
+    the port the scheme's default if it names none, name None if it is no
+    host name; None if it is malformed ('http://[' makes urlsplit raise) or
+    "null": such an origin matches nothing."""
     try:
         url = urllib.parse.urlsplit(origin)
     except ValueError:
         return None
-    parsed = _split_host(url.netloc)
-    if parsed is None:
+    if not url.netloc:
         return None
-    name, port = parsed
+    name, port = _split_host(url.netloc) or (None, None)
     return url.netloc, name, port or DEFAULT_PORTS.get(url.scheme.lower())
 
 

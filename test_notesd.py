@@ -2909,6 +2909,8 @@ def test_star_allows_any_name_and_same_origin_writes(make_daemon):
     name = "anything.example:%d" % d.port
     assert _addressed(d, "GET", "/", name).status == 200
     assert _addressed(d, "GET", "/", "notes_app:%d" % d.port).status == 200
+    r = _addressed(d, "POST", "/", "notes_app:1", "http://notes_app:1", "container")
+    assert r.status == 201, r
     assert _addressed(d, "POST", "/", name, "http://" + name, "same origin").status == 201
     r = _addressed(d, "POST", "/", "127.0.0.1:%d" % d.port, "http://" + name, "cross")
     assert_error(r, 403)
