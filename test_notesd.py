@@ -2982,8 +2982,8 @@ def test_page_of_notes_is_bounded_by_bytes(make_daemon):
         assert len(r.body) <= PAGE_BYTES + largest, len(r.body)
     seen = [note["id"] for r in pages for note in r.json()]
     assert seen == _ids(made)
-    html = _follow(d, "/?limit=1000", headers={"Accept": "text/html"})
-    assert [r.header("Link") for r in html] == [r.header("Link") for r in pages]
+    html = d.get("/?limit=1000", headers={"Accept": "text/html"})
+    assert html.status == 200 and html.header("Link") == pages[0].header("Link"), html
 
 
 if __name__ == "__main__":
