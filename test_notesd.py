@@ -1836,7 +1836,7 @@ def test_too_many_or_long_headers_is_431(shared, headers):
 
 def test_stalled_body_gets_408(make_daemon):
     d = make_daemon("--timeout", "0.5")
-    data = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    data = (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100\r\n\r\n{\"text\": ")
     t0 = time.monotonic()
     assert_json_error(*raw_exchange(d.port, data, timeout=5), 408)
@@ -1972,12 +1972,12 @@ def test_70000_byte_header_line_is_431(shared):
 def test_repeated_header_fields_are_joined(shared):
     # one field 'text/html, application/json' (RFC 9110 5.3): html ranks as
     # high as json, so a browser's page; either line alone decides nothing else
-    data = (b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n"
+    data = (b"GET /status HTTP/1.1\r\nHost: localhost\r\nAccept: text/html\r\n"
             b"Accept: application/json\r\n\r\n")
     status, headers, body, _ = exchange(shared.port, data)
     assert status == 200, (status, body[:500])
     assert headers["content-type"].startswith("text/html"), headers
-    data = b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+    data = b"GET /status HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
     status, headers, body, _ = exchange(shared.port, data)
     assert headers["content-type"].startswith("application/json"), headers
 
@@ -2026,7 +2026,7 @@ def test_http_1_1_keeps_the_connection_open(shared):
 def test_header_names_are_case_insensitive(shared):
     text = unique("case")
     body = json.dumps({"text": text}).encode()
-    data = (b"POST / HTTP/1.1\r\nhOST: x\r\ncontent-TYPE: application/json\r\n"
+    data = (b"POST / HTTP/1.1\r\nhOST: localhost\r\ncontent-TYPE: application/json\r\n"
             b"CONTENT-LENGTH: %d\r\n\r\n" % len(body)) + body
     status, headers, reply, _ = exchange(shared.port, data)
     assert status == 201, (status, reply)
@@ -2040,12 +2040,12 @@ def test_header_names_are_case_insensitive(shared):
 
 def test_unread_body_is_not_taken_for_a_request(shared):
     """A refused request's body must not run as the next request (smuggling)."""
-    hidden = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    hidden = (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: 20\r\n\r\n" + b'{"text": "smuggled"}')
     before = shared.get("/status").json()["notes"]
     for head in (b"POST /status HTTP/1.1\r\n", b"PUT /99999999999999999999/ HTTP/1.1\r\n",
                  b"GET /health HTTP/1.1\r\n"):
-        request = head + b"Host: x\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden
+        request = head + b"Host: localhost\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden
         status, headers, body, closed = exchange(shared.port, request, closes=True)
         assert status in (200, 400, 405), (head, status, body)
         assert closed, "the connection stayed open after an unread body: %r" % head
@@ -2077,15 +2077,15 @@ HUGE = b"9" * 5000  # past CPython's int() digit limit (4300 since 3.11)
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
-    (b"GET /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-    (b"DELETE /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\n\r\n", 204),
-    (b"PUT /" + HUGE + b"/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 400),
-    (b"GET /?limit=" + HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET /?after=" + HUGE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + HUGE + b"\r\n\r\n", 413),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: " + HUGE
+    (b"GET /" + HUGE + b"/ HTTP/1.1\r\nHost: localhost\r\n\r\n", 404),
+    (b"DELETE /" + HUGE + b"/ HTTP/1.1\r\nHost: localhost\r\n\r\n", 204),
+    (b"PUT /" + HUGE + b"/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400),
+    (b"GET /?limit=" + HUGE + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    (b"GET /?after=" + HUGE + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: " + HUGE + b"\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: " + HUGE
      + b"\r\n\r\n", 413),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nOrigin: http://[\r\nContent-Length: 2\r\n\r\n{}", 403),
+    (b"POST / HTTP/1.1\r\nHost: localhost\r\nOrigin: http://[\r\nContent-Length: 2\r\n\r\n{}", 403),
 ], ids=["get-id", "delete-id", "put-id", "limit", "after", "content-length", "expect", "origin"])
 def test_huge_numbers_and_bad_origins_get_a_clear_error(shared, request_bytes, expected):
     """Every number a client sends goes through one parser: never a 500."""
@@ -2105,9 +2105,9 @@ def test_http_1_1_without_host_is_400(shared):
 
 
 @pytest.mark.parametrize("request_bytes", [
-    b"GET /?limit=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: \xb2\r\n\r\n",
+    b"GET /?limit=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: \xb2\r\n\r\n",
 ], ids=["limit", "content-length", "expect"])
 def test_unicode_digits_are_not_numbers(shared, request_bytes):
     """str.isdigit() takes '\u00b2'; int() does not: a 400, never a 500."""
@@ -3145,6 +3145,235 @@ def test_a_slow_search_is_aborted_and_the_loop_keeps_turning(make_daemon):
     assert commands["budget_aborts"] >= 1, commands
     assert commands["slowest_last_minute"]["ms"] >= 1, commands  # the aborted search, or slower
     assert _search(d, "findable") == [note["id"]]  # the index needs no scan
+
+
+###############################################################################
+# Host names and reply sizes (issue 9: items 12 and 4) ########################
+###############################################################################
+# A DNS-rebinding page reaches a loopback notesd under its own name; the
+# allowed_hosts key says which names notesd answers to and which origins may
+# write. And no reply grows with what a client asks for: text holds no control
+# characters, and a page of GET / stops at PAGE_BYTES of JSON.
+
+#: notesd.PAGE_BYTES: the most JSON a page of GET / holds (but one note).
+PAGE_BYTES = 4 << 20
+
+
+def _addressed(d, method, path, host, origin=None, body=None):
+    """A request to d carrying this Host (and Origin); body is a form."""
+    headers = {"Host": host}
+    if origin is not None:
+        headers["Origin"] = origin
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        body = urllib.parse.urlencode({"text": body})
+    return d.request(method, path, body, headers)
+
+
+def test_dns_rebinding_page_can_neither_read_nor_write(shared):
+    """attacker.example now resolves to 127.0.0.1: its page's requests carry
+    its own name in Host and Origin, and get 421 naming allowed_hosts."""
+    secret = shared.note(unique("secret"))
+    planted = unique("planted")
+    evil = "attacker.example:%d" % shared.port
+    for method, path, body in [("GET", "/", None), ("GET", "/%d/" % secret["id"], None),
+                               ("GET", "/status", None), ("POST", "/", planted),
+                               ("PUT", "/%d/" % secret["id"], planted),
+                               ("DELETE", "/%d/" % secret["id"], None)]:
+        r = _addressed(shared, method, path, evil, "http://" + evil, body)
+        assert_error(r, 421)
+        assert "allowed_hosts" in r.json()["message"], r
+        assert secret["text"].encode() not in r.body
+    r = shared.get("/", headers={"Host": evil, "Accept": "text/html"})
+    assert r.status == 421 and secret["text"].encode() not in r.body, r
+    assert shared.get("/%d/" % secret["id"]).json()["text"] == secret["text"]
+    assert shared.get("/?q=" + planted).json() == []
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_loopback_clients_by_name_or_address(shared):
+    for url in ("http://127.0.0.1:%d/" % shared.port, "http://localhost:%d/" % shared.port):
+        code, body = _curl("-4", url + "health")
+        assert code == 200, (url, body)
+        code, body = _curl("-4", url)
+        assert code == 200, (url, body)
+        origin = url.rstrip("/")
+        code, body = _curl("-4", "-H", "Origin: " + origin, "-d", "text=" + unique("loop"), url)
+        assert code == 201, (url, body)
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback() or not shutil.which("curl"),
+                    reason="needs IPv6 loopback and curl")
+def test_ipv6_loopback_clients(make_daemon):
+    d = make_daemon("--listen", "[::1]:0")
+    url = "http://[::1]:%d/" % d.port
+    assert _curl("-g", url)[0] == 200
+    code, body = _curl("-g", "-H", "Origin: " + url.rstrip("/"), "-d", "text=six", url)
+    assert code == 201, body
+    code, body = _curl("-g", "-H", "Host: attacker.example:%d" % d.port, url)
+    assert code == 421, body
+
+
+def test_writes_from_other_local_origins_are_refused(shared):
+    """An Origin is checked against allowed_hosts, not against the request's
+    own Host: localhost:PORT and 127.0.0.1:PORT are one notesd, while a page
+    on another port of this machine is another site."""
+    own = "127.0.0.1:%d" % shared.port
+    for origin in ("http://localhost:%d" % shared.port, "http://[::1]:%d" % shared.port,
+                   "http://" + own):
+        r = _addressed(shared, "POST", "/", own, origin, unique("own"))
+        assert r.status == 201, (origin, r)
+    for origin in ("http://localhost:%d" % (shared.port ^ 1), "http://127.0.0.1",
+                   "https://127.0.0.1", "http://evil.example", "null", "http://["):
+        r = _addressed(shared, "POST", "/", own, origin, unique("other"))
+        assert_error(r, 403)
+        assert "allowed_hosts" in r.json()["message"], r
+
+
+def test_health_answers_any_name(shared):
+    """Monitoring may use the machine's name or an address: /health tells
+    nothing a rebinding page could use."""
+    r = _addressed(shared, "GET", "/health", "monitor.example")
+    assert r.status == 200, r
+    assert _addressed(shared, "GET", "/", "10.1.2.3:%d" % shared.port).status == 200
+
+
+def test_reverse_proxy_names(make_daemon, tmp_path):
+    conf = _config(tmp_path, "allowed_hosts = notes.example.com\n")
+    d = make_daemon(config=conf)
+    # a proxy that passes the client's Host on (nginx: proxy_set_header Host $host)
+    assert _addressed(d, "GET", "/", "notes.example.com").status == 200
+    r = _addressed(d, "POST", "/", "notes.example.com", "https://notes.example.com", "proxied")
+    assert r.status == 201, r
+    # one that sends its own (nginx's default, the proxy_pass address)
+    r = _addressed(d, "POST", "/", "127.0.0.1:%d" % d.port, "https://notes.example.com", "own")
+    assert r.status == 201, r
+    assert_error(_addressed(d, "GET", "/", "localhost:%d" % d.port), 421)
+    r = _addressed(d, "POST", "/", "notes.example.com", "https://evil.example", "csrf")
+    assert_error(r, 403)
+
+
+def test_allowed_hosts_is_live_and_shown(make_daemon, tmp_path):
+    conf = _config(tmp_path, "log_level = info\n")
+    d = make_daemon(config=conf)
+    default = "localhost:0, 127.0.0.1:0, [::1]:0"  # port 0: the port notesd listens on
+    assert d.get("/config").json()["allowed_hosts"] == default
+    assert "\nallowed_hosts = %s\n" % default in d.cli("configtest").stdout
+    assert_error(_addressed(d, "GET", "/", "notes.example.com"), 421)
+    r = d.request("PATCH", "/config", {"allowed_hosts": "notes.example.com:8443 localhost:80"})
+    assert r.status == 200, r
+    assert r.json()["allowed_hosts"] == "notes.example.com:8443, localhost:80"
+    assert _addressed(d, "GET", "/", "notes.example.com").status == 200
+    # a port-less Origin is port 80 (http) or 443 (https), RFC 6454 4
+    for origin, status in [("http://localhost", 201), ("http://localhost:%d" % d.port, 403),
+                           ("https://notes.example.com:8443", 201),
+                           ("https://notes.example.com", 403)]:
+        r = _addressed(d, "POST", "/", "localhost", origin, "port")
+        assert r.status == status, (origin, r)
+    conf.write_text("[notesd]\nallowed_hosts = other.example\n")
+    r = d.cli("reload")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    assert_error(_addressed(d, "GET", "/", "notes.example.com"), 421)
+    assert _addressed(d, "GET", "/", "other.example:1").status == 200
+    for bad in ("notes.example.com:99999", "[::1", "bad_name!", "http://x"):
+        r = d.request("PATCH", "/config", {"allowed_hosts": bad})
+        assert_error(r, 400)
+        assert "allowed_hosts" in r.json()["message"], r
+    assert d.request("PATCH", "/config", {"allowed_hosts": ""}).json()["allowed_hosts"] == default
+
+
+@pytest.mark.parametrize("listen,expected", [
+    ("127.0.0.1:5000", "localhost:5000, 127.0.0.1:5000, [::1]:5000"),
+    ("localhost:80", "localhost:80, 127.0.0.1:80, [::1]:80"),
+    ("127.0.0.2:5000", "localhost:5000, 127.0.0.1:5000, [::1]:5000, 127.0.0.2:5000"),
+    ("[::1]:5000", "localhost:5000, 127.0.0.1:5000, [::1]:5000"),
+    ("0.0.0.0:5000", "*"), ("[::]:5000", "*"), ("192.0.2.7:5000", "*"), (":5000", "*")])
+def test_allowed_hosts_default_follows_listen(tmp_path, listen, expected):
+    r = Daemon(tmp_path).cli("configtest", "--listen", listen)
+    assert r.returncode == 0, r.stderr
+    assert "\nallowed_hosts = %s\n" % expected in r.stdout, r.stdout
+
+
+def test_star_allows_any_name_and_same_origin_writes(make_daemon):
+    d = make_daemon("--allowed-hosts", "*")
+    name = "anything.example:%d" % d.port
+    assert _addressed(d, "GET", "/", name).status == 200
+    assert _addressed(d, "GET", "/", "notes_app:%d" % d.port).status == 200
+    r = _addressed(d, "POST", "/", "notes_app:1", "http://notes_app:1", "container")
+    assert r.status == 201, r
+    assert _addressed(d, "POST", "/", name, "http://" + name, "same origin").status == 201
+    r = _addressed(d, "POST", "/", "127.0.0.1:%d" % d.port, "http://" + name, "cross")
+    assert_error(r, 403)
+
+
+def _multipart(text):
+    boundary = "notesd-boundary"
+    body = ('--%s\r\nContent-Disposition: form-data; name="text"\r\n\r\n%s\r\n--%s--\r\n'
+            % (boundary, text, boundary)).encode()
+    return body, "multipart/form-data; boundary=" + boundary
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x0b", "\x0c", "\x7f", "\x85",
+                                  "\x9b"])
+def test_control_characters_in_note_text_are_refused(shared, char):
+    """C0 and C1 controls but tab, LF and CR: JSON spells each in six bytes,
+    and a terminal acts on them. Refused however the text arrives."""
+    note = shared.note("unchanged")
+    text = "before " + char + " after"
+    multipart, multipart_type = _multipart(text)
+    for method, path, body, content_type in [
+            ("POST", "/", json.dumps({"text": text}), "application/json"),
+            ("POST", "/", urllib.parse.urlencode({"text": text}),
+             "application/x-www-form-urlencoded"),
+            ("POST", "/", multipart, multipart_type),
+            ("PUT", "/%d/" % note["id"], json.dumps({"text": text}), "application/json")]:
+        r = shared.request(method, path, body, {"Content-Type": content_type})
+        assert_error(r, 400)
+        assert "U+%04X" % ord(char) in r.json()["message"], r
+    assert shared.get("/%d/" % note["id"]).json()["text"] == "unchanged"
+
+
+def test_tab_lf_cr_and_other_text_are_kept(shared):
+    text = "tab\there\r\nnew line\n\u00e9\u00a0\u2028\U0001f600 " + unique("kept")
+    multipart, multipart_type = _multipart(text)
+    r = shared.request("POST", "/", multipart, {"Content-Type": multipart_type})
+    assert r.status == 201, r
+    assert shared.get("/%d/" % r.json()["id"]).json()["text"] == text
+
+
+def _follow(d, path, **kw):
+    """Every page from path on, following Link: rel="next"; [(reply, ids)]."""
+    pages = []
+    while path is not None:
+        r = d.get(path, **kw)
+        assert r.status == 200, r
+        pages.append(r)
+        link = r.header("Link")
+        path = None
+        if link:
+            m = re.fullmatch(r'<([^>]+)>; rel="next"', link)
+            assert m, link
+            path = m.group(1)
+        assert len(pages) <= 50, "Link loops"
+    return pages
+
+
+def test_page_of_notes_is_bounded_by_bytes(make_daemon):
+    """Texts that json.dumps makes three times longer (quotes, backslashes,
+    non-ASCII under ensure_ascii): ?limit=1000 stops at PAGE_BYTES of JSON
+    plus one note, Link gives the rest, and every note comes once."""
+    d = make_daemon("--max-body", str(8 << 20))
+    made = [d.note("%d " % i + '"\\\u00e9' * 100000) for i in range(14)]
+    largest = max(len(json.dumps(note)) for note in made)
+    assert 14 * largest > 3 * PAGE_BYTES  # so at least three pages
+    pages = _follow(d, "/?limit=1000")
+    assert len(pages) >= 3, [len(r.body) for r in pages]
+    for r in pages:
+        assert len(r.body) <= PAGE_BYTES + largest, len(r.body)
+    seen = [note["id"] for r in pages for note in r.json()]
+    assert seen == _ids(made)
+    html = d.get("/?limit=1000", headers={"Accept": "text/html"})
+    assert html.status == 200 and html.header("Link") == pages[0].header("Link"), html
 
 
 if __name__ == "__main__":
