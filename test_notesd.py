@@ -22,6 +22,7 @@ import os
 import platform
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import grp
@@ -2918,6 +2919,314 @@ def test_check_with_a_wrong_token_is_unknown(make_daemon):
                        capture_output=True, text=True, timeout=CLI_TIMEOUT)
     assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
     assert "401" in r.stdout, r.stdout
+
+
+
+###############################################################################
+# Backups and restore (issue 10, items 5-7) ###################################
+###############################################################################
+# `backup DEST` copies the database with sqlite's online backup API; the
+# README's restore recipe puts a copy back, and `start` refuses a damaged
+# database. Copies are read here with sqlite3, as an operator would.
+
+BACKUP_LINE = re.compile(r"notesd backup (/\S+): (\d+) notes")
+
+
+def _backups(tmp_path):
+    """A directory for copies, root's alone like /var/backups/notesd."""
+    path = tmp_path / "backups"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+def _backup(d, dest, *extra, **popen_kw):
+    """`backup DEST` that must succeed: the notes its line counts."""
+    r = d.cli("backup", dest, *extra, **popen_kw)
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log()[-2000:])
+    match = BACKUP_LINE.fullmatch(r.stdout.rstrip("\n"))
+    assert match and match.group(1) == os.path.abspath(dest), r.stdout
+    return int(match.group(2))
+
+
+def _notes_in(path):
+    """{id: text} of a copy, read as one lone file: read-only, with no -wal or
+    -shm beside it, so it must need none; it passes quick_check."""
+    directory, name = os.path.split(path)
+    with open(path, "rb") as f:
+        header = f.read(100)
+    assert header[:16] == b"SQLite format 3\0", header[:16]
+    assert header[18:20] == b"\x01\x01", "the copy is in WAL mode: %r" % header[18:20]
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True)
+    try:
+        assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        notes = dict(db.execute("SELECT id, text FROM notes"))
+    finally:
+        db.close()
+    assert [n for n in os.listdir(directory) if n.startswith(name + "-")] == []
+    return notes
+
+
+def _only(directory, *names):
+    """The directory holds these names and nothing else (no temporary file)."""
+    assert sorted(os.listdir(directory)) == sorted(names), os.listdir(directory)
+
+
+def test_backup_while_8_writers_write(daemon, tmp_path):
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    workers = _write_until_stopped(daemon, stop, acked, lock)
+    try:
+        wait_until(lambda: len(acked) >= 100, 20, daemon, "100 acknowledged notes")
+        with lock:
+            before = dict(acked)
+        counted = _backup(daemon, dest)
+        wait_until(lambda: len(acked) >= len(before) + 50, 20, daemon, "writes after it")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    notes = _notes_in(dest)
+    assert counted == len(notes)
+    missing = {nid: text for nid, text in before.items() if notes.get(nid) != text}
+    assert not missing, "acknowledged before the backup, not in it: %r" % missing
+    assert set(notes) <= set(acked), "in the copy, never acknowledged"
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    _only(os.path.dirname(dest), "copy.db")
+    daemon.assert_serving()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_backup_with_the_daemon_stopped(daemon, tmp_path, how):
+    texts = {daemon.note("stopped %d" % i)["id"]: "stopped %d" % i for i in range(30)}
+    if how == "stop":
+        daemon.stop()
+    else:  # the notes are in notes.db-wal alone
+        pid = daemon.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 5, daemon, "the killed daemon gone")
+        assert os.path.getsize(daemon.database + "-wal") > 0
+    files = sorted(os.listdir(daemon.dir))
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    assert _backup(daemon, dest) == 30
+    assert _notes_in(dest) == texts
+    if how == "stop":  # as it found it: no -wal or -shm left behind
+        assert sorted(os.listdir(daemon.dir)) == files
+    daemon.start()
+    assert daemon.get("/status").json()["notes"] == 30
+
+
+@needs_root
+def test_backup_as_root_of_a_user_daemon_leaves_no_root_file(make_daemon, open_tmp, tmp_path):
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state,
+                    "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
+    texts = {d.note("user %d" % i)["id"]: "user %d" % i for i in range(20)}
+
+    def root_files():
+        return [n for n in os.listdir(state) if os.lstat(os.path.join(state, n)).st_uid == 0]
+
+    backups = _backups(tmp_path)
+    assert _backup(d, os.path.join(backups, "running.db")) == 20
+    assert root_files() == []
+    d.stop()
+    files = sorted(os.listdir(state))
+    assert _backup(d, os.path.join(backups, "stopped.db")) == 20
+    assert root_files() == [] and sorted(os.listdir(state)) == files
+    for name in ("running.db", "stopped.db"):
+        assert _notes_in(os.path.join(backups, name)) == texts
+        assert os.stat(os.path.join(backups, name)).st_uid == 0
+    d.start()
+    assert d.post("after the backups").status == 201
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["notes.db-wal", "notes.db-shm"])
+def test_backup_as_root_follows_no_link_the_user_planted(make_daemon, open_tmp, tmp_path, name):
+    """sqlite follows a symbolic link planted as -wal, and as root gives the
+    file it reaches to the database's owner (robustFchown): backup reads as
+    the daemon's user, who may not open root's file."""
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp)
+    d.note("before")
+    d.stop()
+    victim = _victim(open_tmp)
+    _plant_symlink(victim, os.path.join(state, name))
+    backups = _backups(tmp_path)
+    r = d.cli("backup", os.path.join(backups, "copy.db"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.startswith("notesd: "), r.stderr
+    assert _untouched(victim)
+    _only(backups)
+
+
+def test_backup_refuses_an_existing_dest_unless_force(daemon, tmp_path):
+    texts = {daemon.note("force %d" % i)["id"]: "force %d" % i for i in range(5)}
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    with open(dest, "w") as f:
+        f.write("yesterday's copy\n")
+    r = daemon.cli("backup", dest)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert dest in r.stderr and "--force" in r.stderr, r.stderr
+    with open(dest) as f:
+        assert f.read() == "yesterday's copy\n"
+    _only(backups, "copy.db")
+    # the mode is 0600 whatever the umask: 0277 would give 0400, 0 would give 0644 to cp
+    for umask in (0o277, 0o000):
+        assert _backup(daemon, dest, "--force", preexec_fn=lambda: os.umask(umask)) == 5
+        assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600, oct(umask)
+        assert _notes_in(dest) == texts
+        _only(backups, "copy.db")
+
+
+def test_backup_errors_exit_1_and_leave_no_file(make_daemon, tmp_path):
+    d = make_daemon(start=False)
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    r = d.cli("backup", dest)  # never started: there is no database
+    assert r.returncode == 1 and d.database in r.stderr, (r.stdout, r.stderr)
+    assert not os.path.exists(d.database)  # and backup did not make one
+    d.start()
+    d.note("one")
+    os.mkdir(os.path.join(backups, "a-directory"))
+    for target, why in ((os.path.join(backups, "a-directory"), "directory"),
+                        (os.path.join(backups, "missing", "copy.db"), "No such file")):
+        for extra in ((), ("--force",)):
+            r = d.cli("backup", target, *extra)
+            assert r.returncode == 1, (target, extra, r.stdout, r.stderr)
+            assert target in r.stderr and why in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    _only(backups, "a-directory")
+    assert os.listdir(os.path.join(backups, "a-directory")) == []
+
+
+@needs_unshare
+@pytest.mark.parametrize("mount", ["size=16k", "ro"])
+def test_backup_to_a_full_or_read_only_filesystem(daemon, tmp_path, mount):
+    """What root cannot write either: a full or a read-only tmpfs, mounted
+    in a mount namespace of the backup's own, gone when it exits. The
+    temporary file is made before the full filesystem fails the copy."""
+    for i in range(10):
+        daemon.note("%d %s" % (i, "x" * 4000))
+    target = os.path.join(_backups(tmp_path), "mnt")
+    os.mkdir(target)
+    script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; shift 2; "$@"; rc=$?; '
+              'echo "left: $(ls -A "$0")"; exit $rc')
+    argv = daemon.argv("backup", os.path.join(target, "copy.db"))
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", script, target, mount, target, *argv],
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "copy.db" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.rstrip("\n").endswith("left: "), r.stdout
+    daemon.assert_serving()
+
+
+@pytest.mark.parametrize("argv", [("backup",), ("status", "/tmp/x.db"),
+                                  ("start", "/tmp/x.db"), ("backup", "a.db", "b.db")])
+def test_backup_usage_errors_exit_2(make_daemon, argv):
+    d = make_daemon(start=False)
+    r = d.cli(*argv)
+    assert r.returncode == 2, (argv, r.stdout, r.stderr)
+    assert "usage:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert d.pid() is None and not os.path.exists(d.database)
+
+
+def _damage(path, how):
+    """Overwrite part of a page in the middle of a database, as a bad disk would."""
+    size = os.path.getsize(path)
+    page = 4096 * (size // 4096 // 2)
+    assert size >= 8 * 4096, "not a multi-page database: %d bytes" % size
+    with open(path, "r+b") as f:
+        if how == "cells":  # the page's header stays: count(*) still works
+            f.seek(page + 2048)
+            f.write(os.urandom(1024))
+        else:
+            f.seek(page)
+            f.write(os.urandom(4096))
+        os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("how", ["cells", "page"])
+def test_damaged_database_is_refused_at_start(make_daemon, tmp_path, how):
+    d = make_daemon()
+    for i in range(100):
+        d.note("%d %s" % (i, "damage " * 60))
+    d.stop()
+    _damage(d.database, how)
+    for command in ("start", "run"):
+        r = d.cli(command)
+        assert r.returncode == 1, (command, r.stdout, r.stderr, d.log()[-2000:])
+        assert d.database in r.stderr and "quick_check" in r.stderr, r.stderr
+        assert "README" in r.stderr and "Restore" in r.stderr, r.stderr
+        assert d.pid() is None and not os.path.exists(d.urlfile)
+    # a backup of it would be as damaged: refused too, and nothing written
+    backups = _backups(tmp_path)
+    r = d.cli("backup", os.path.join(backups, "copy.db"))
+    assert r.returncode == 1 and "quick_check" in r.stderr, (r.stdout, r.stderr)
+    _only(backups)
+
+
+def _readme_block(heading, fence):
+    """The first ``` block (opened by `fence`) after the `heading` line."""
+    text = _readme().split("\n" + heading + "\n", 1)[1]
+    return re.search(r"^" + re.escape(fence) + r"\n(.*?)^```", text, re.M | re.S).group(1)
+
+
+def _readme_sub(text, old, new):
+    """text with the README's example value `old` made the test's `new`: once."""
+    assert text.count(old) == 1, (old, text)
+    return text.replace(old, new)
+
+
+def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
+    """Exactly what README.md says: the cron line takes a backup; notes come
+    after it; the daemon is killed (so the old database's -wal is there);
+    the restore recipe, run as it stands, brings back the backup's notes."""
+    state = os.path.join(open_tmp, "state")
+    user = ("--user", "nobody") if IS_ROOT else ()
+    d = make_daemon(*user, "--state-dir", state, directory=open_tmp)
+    kept = {d.note("kept %d" % i)["id"]: "kept %d" % i for i in range(20)}
+    notesd = " ".join(shlex.quote(a) for a in d.argv())
+    backups = _backups(tmp_path)
+
+    cron = [line for line in _readme_block("## Backups", "```").splitlines()
+            if re.match(r"(\S+ ){5}", line)]
+    assert len(cron) == 1, cron
+    command = cron[0].split(" ", 5)[5].replace("\\%", "%")  # as cron runs it, with sh
+    command = _readme_sub(command, "python3 /opt/notesd/notesd.py -c /etc/notesd.conf", notesd)
+    command = _readme_sub(command, "/var/backups/notesd", backups)
+    r = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (command, r.stdout, r.stderr)
+    (name,) = os.listdir(backups)
+    assert re.fullmatch(r"notes-\d{4}-\d\d-\d\d\.db", name), name
+
+    lost = [d.note("after the backup %d" % i)["id"] for i in range(5)]
+    pid = d.pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 5, d, "the killed daemon gone")
+    assert os.path.getsize(d.database + "-wal") > 0
+
+    recipe = _readme_block("### Restore", "```sh")
+    recipe = _readme_sub(recipe, '"python3 /opt/notesd/notesd.py -c /etc/notesd.conf"',
+                         shlex.quote(notesd))
+    recipe = _readme_sub(recipe, "/var/backups/notesd/notes-2024-11-28.db",
+                         os.path.join(backups, name))
+    recipe = _readme_sub(recipe, "cd /var/lib/notesd ", "cd %s " % shlex.quote(state))
+    recipe = _readme_sub(recipe, "chown notesd: ", "chown nobody: " if IS_ROOT else ": ")
+    r = subprocess.run(["sh", "-e", "-c", recipe], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (recipe, r.stdout, r.stderr)
+    d.after_start()
+    assert d.get("/status").json()["notes"] == len(kept)
+    for nid, text in kept.items():
+        assert d.get("/%d/" % nid).json()["text"] == text
+    for nid in lost:
+        assert d.get("/%d/" % nid).status == 404
+    st = os.stat(d.database)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == (pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.getuid())
+    assert _notes_in(os.path.join(backups, name)) == kept  # the backup stays as it was
 
 
 if __name__ == "__main__":
