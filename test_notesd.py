@@ -1302,12 +1302,14 @@ def test_every_readme_command_runs(tmp_path):
         ("check", 2, "CRITICAL", r"NOTESD CRITICAL - [^\n]*"),
         ("reload", 7, "not running", r""),
         ("stop", 0, "stopped (also if it was not running)", r"notesd is not running"),
+        ("backup", 1, "failed (no database", r""),
         ("configtest", 0, "valid", r"listen = 127\.0\.0\.1:0\n.*"),
         ("start", 0, "running", start),
         ("start", 0, "running (also if it already was)", r"notesd[^\n]* running, pid \d+[^\n]*"),
         ("status", 0, "running", STATUS_LINE.pattern.strip("^$")),
         ("check", 0, "OK", r"NOTESD OK - [^\n]*"),
         ("reload", 0, "applied", r"notesd reloaded, pid \d+"),
+        ("backup", 0, "written", r"notesd backup /\S+/copy\.db: 0 notes"),
         ("restart", 0, "running", r"notesd stopped, pid \d+\n" + start),
         ("stop", 0, "stopped", r"notesd stopped, pid \d+"),
         ("run", 0, "after a clean stop", r""),
@@ -1319,7 +1321,8 @@ def test_every_readme_command_runs(tmp_path):
         for command, code, meaning, stdout in steps:
             documented = r"(?:^|, )%d\b" % code + (" " + re.escape(meaning) if meaning else "")
             assert re.search(documented, cells[command]), (command, code, meaning, cells[command])
-            r = run_in_foreground() if command == "run" else d.cli(command)
+            argv = (command, str(tmp_path / "copy.db")) if command == "backup" else (command,)
+            r = run_in_foreground() if command == "run" else d.cli(*argv)
             assert r.returncode == code, (command, r.returncode, r.stdout, r.stderr, d.log())
             assert re.fullmatch(stdout, r.stdout.rstrip("\n"), re.S), (command, r.stdout)
             if command in ("start", "restart"):
@@ -3042,9 +3045,9 @@ def test_backup_as_root_of_a_user_daemon_leaves_no_root_file(make_daemon, open_t
 @needs_root
 @pytest.mark.parametrize("name", ["notes.db-wal", "notes.db-shm"])
 def test_backup_as_root_follows_no_link_the_user_planted(make_daemon, open_tmp, tmp_path, name):
-    """sqlite follows a symbolic link planted as -wal, and as root gives the
-    file it reaches to the database's owner (robustFchown): backup reads as
-    the daemon's user, who may not open root's file."""
+    """Root's file stays as it was whatever sqlite makes of a link planted as
+    -wal or -shm: backup reads as the daemon's user, who may not open it
+    (SQLite 3.40 refuses both links by itself, even as root)."""
     state = os.path.join(open_tmp, "state")
     d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp)
     d.note("before")
@@ -3083,6 +3086,10 @@ def test_backup_errors_exit_1_and_leave_no_file(make_daemon, tmp_path):
     d = make_daemon(start=False)
     backups = _backups(tmp_path)
     dest = os.path.join(backups, "copy.db")
+    missing = str(tmp_path / "no-state-dir")
+    r = d.cli("--state-dir", missing, "backup", dest)
+    assert r.returncode == 1 and missing in r.stderr, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and not os.path.exists(missing), r.stderr
     r = d.cli("backup", dest)  # never started: there is no database
     assert r.returncode == 1 and d.database in r.stderr, (r.stdout, r.stderr)
     assert not os.path.exists(d.database)  # and backup did not make one
@@ -3098,6 +3105,23 @@ def test_backup_errors_exit_1_and_leave_no_file(make_daemon, tmp_path):
             assert "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
     _only(backups, "a-directory")
     assert os.listdir(os.path.join(backups, "a-directory")) == []
+
+
+def test_backup_dest_in_a_directory_others_can_write(daemon, tmp_path):
+    """sqlite opens the temporary file by name: in a directory others may
+    write, one of them could swap it for a link first. Sticky (/tmp) is
+    fine: nobody else may rename or remove a file of ours there."""
+    daemon.note("one")
+    shared = os.path.join(_backups(tmp_path), "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    dest = os.path.join(shared, "copy.db")
+    r = daemon.cli("backup", dest)
+    assert r.returncode == 1 and dest in r.stderr and "others" in r.stderr, r.stderr
+    _only(shared)
+    os.chmod(shared, 0o1777)
+    assert _backup(daemon, dest) == 1
+    _only(shared, "copy.db")
 
 
 @needs_unshare
@@ -3205,7 +3229,8 @@ def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
     pid = d.pid()
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not alive(pid), 5, d, "the killed daemon gone")
-    assert os.path.getsize(d.database + "-wal") > 0
+    database = os.path.join(state, "notes.db")
+    assert os.path.getsize(database + "-wal") > 0
 
     recipe = _readme_block("### Restore", "```sh")
     recipe = _readme_sub(recipe, '"python3 /opt/notesd/notesd.py -c /etc/notesd.conf"',
@@ -3223,7 +3248,7 @@ def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
         assert d.get("/%d/" % nid).json()["text"] == text
     for nid in lost:
         assert d.get("/%d/" % nid).status == 404
-    st = os.stat(d.database)
+    st = os.stat(database)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == (pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.getuid())
     assert _notes_in(os.path.join(backups, name)) == kept  # the backup stays as it was
