@@ -25,8 +25,9 @@ Commands and exit codes (LSB init-script conventions):
     run         the daemon in the foreground (systemd, containers, debugging)
     check       health check for cron (Nagios plugin API): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
     configtest  validate the configuration and print it: 0 valid, 6 invalid
-    backup DEST a consistent copy of the database to DEST (--force: replace it): 0 written, 1 failed
-Exit code 2 is a usage error (also a DEST given to any command but backup); 4 from stop or reload, not permitted to signal.
+    backup DEST a consistent copy of the database to DEST (--force replaces it): 0 written, 1 failed
+Exit code 2 is a usage error (also a DEST given to any command but backup); 4 from stop or
+reload, not permitted to signal.
 The CLI signals only the notesd that owns the pid file (running_pid).
 
 Sections:
@@ -1942,8 +1943,9 @@ def backup_database(source, dest, force=False):
 def _backup_file(dest):
     """(fd, path) of a new, empty file beside `dest`, mode 0600 whatever the
     umask (it holds every note). O_CREAT|O_EXCL never opens a file that is
-    there already, nor follows a symbolic link; the dot name keeps a copy in
-    progress out of a glob such as notes-*.db. sqlite opens the file again by
+    there already, nor follows a symbolic link, so what open_safely checks
+    holds by construction (and backup's exit code is 1, not its 4); the dot
+    name keeps a copy in progress out of a glob such as notes-*.db. sqlite opens the file again by
     name, so its directory must pass check_directory: whoever else could
     write there could swap the file for a link to /etc/shadow in between,
     and root would write the copy into that."""
@@ -2984,12 +2986,11 @@ def cmd_backup(config, args):
     first read open all three files and take the snapshot; the copy is then
     written with our own ids.
 
-    mode=rw, not mode=ro: read-only works too (SQLite 3.22 and later read a
-    WAL database without -shm), but cannot checkpoint when it closes, so it
-    leaves a -wal and -shm behind beside a stopped daemon's database. A
-    read-write connection that closes last removes them, as the daemon does;
-    while the daemon runs it writes nothing. Neither mode makes a database
-    that is not there."""
+    mode=rw, not mode=ro: a read-only connection works too, but cannot
+    checkpoint when it closes, so it leaves the -wal and -shm it made beside
+    a stopped daemon's database. A read-write one that closes last removes
+    them, as the daemon does; while the daemon runs it writes nothing.
+    Neither mode makes a database that is not there."""
     path = config.database
     account = daemon_account(config)
     if not os.path.exists(path):
