@@ -26,6 +26,7 @@ import os
 import platform
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1307,12 +1308,14 @@ def test_every_readme_command_runs(tmp_path):
         ("check", 2, "CRITICAL", r"NOTESD CRITICAL - [^\n]*"),
         ("reload", 7, "not running", r""),
         ("stop", 0, "stopped (also if it was not running)", r"notesd is not running"),
+        ("backup", 1, "failed (no database", r""),
         ("configtest", 0, "valid", r"listen = 127\.0\.0\.1:0\n.*"),
         ("start", 0, "running", start),
         ("start", 0, "running (also if it already was)", r"notesd[^\n]* running, pid \d+[^\n]*"),
         ("status", 0, "running", STATUS_LINE.pattern.strip("^$")),
         ("check", 0, "OK", r"NOTESD OK - [^\n]*"),
         ("reload", 0, "applied", r"notesd reloaded, pid \d+"),
+        ("backup", 0, "written", r"notesd backup /\S+/copy\.db: 0 notes"),
         ("restart", 0, "running", r"notesd stopped, pid \d+\n" + start),
         ("stop", 0, "stopped", r"notesd stopped, pid \d+"),
         ("run", 0, "after a clean stop", r""),
@@ -1324,7 +1327,8 @@ def test_every_readme_command_runs(tmp_path):
         for command, code, meaning, stdout in steps:
             documented = r"(?:^|, )%d\b" % code + (" " + re.escape(meaning) if meaning else "")
             assert re.search(documented, cells[command]), (command, code, meaning, cells[command])
-            r = run_in_foreground() if command == "run" else d.cli(command)
+            argv = (command, str(tmp_path / "copy.db")) if command == "backup" else (command,)
+            r = run_in_foreground() if command == "run" else d.cli(*argv)
             assert r.returncode == code, (command, r.returncode, r.stdout, r.stderr, d.log())
             assert re.fullmatch(stdout, r.stdout.rstrip("\n"), re.S), (command, r.stdout)
             if command in ("start", "restart"):
@@ -3374,6 +3378,341 @@ def test_page_of_notes_is_bounded_by_bytes(make_daemon):
     assert seen == _ids(made)
     html = d.get("/?limit=1000", headers={"Accept": "text/html"})
     assert html.status == 200 and html.header("Link") == pages[0].header("Link"), html
+
+
+###############################################################################
+# Backups and restore (issue 10, items 5-7) ###################################
+###############################################################################
+# `backup DEST` copies the database with sqlite's online backup API; the
+# README's restore recipe puts a copy back, and `start` refuses a damaged
+# database. Copies are read here with sqlite3, as an operator would.
+
+BACKUP_LINE = re.compile(r"notesd backup (/\S+): (\d+) notes")
+
+
+def _backups(tmp_path):
+    """A directory for copies, root's alone like /var/backups/notesd."""
+    path = tmp_path / "backups"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+def _backup(d, dest, *extra, **popen_kw):
+    """`backup DEST` that must succeed: the notes its line counts."""
+    r = d.cli("backup", dest, *extra, **popen_kw)
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log()[-2000:])
+    match = BACKUP_LINE.fullmatch(r.stdout.rstrip("\n"))
+    assert match and match.group(1) == os.path.abspath(dest), r.stdout
+    return int(match.group(2))
+
+
+def _notes_in(path):
+    """{id: text} of a copy, read as one lone file: read-only, with no -wal or
+    -shm beside it, so it must need none; it passes quick_check."""
+    directory, name = os.path.split(path)
+    with open(path, "rb") as f:
+        header = f.read(100)
+    assert header[:16] == b"SQLite format 3\0", header[:16]
+    assert header[18:20] == b"\x01\x01", "the copy is in WAL mode: %r" % header[18:20]
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True)
+    try:
+        assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        notes = dict(db.execute("SELECT id, text FROM notes"))
+    finally:
+        db.close()
+    assert [n for n in os.listdir(directory) if n.startswith(name + "-")] == []
+    return notes
+
+
+def _only(directory, *names):
+    """The directory holds these names and nothing else (no temporary file)."""
+    assert sorted(os.listdir(directory)) == sorted(names), os.listdir(directory)
+
+
+def test_backup_while_8_writers_write(daemon, tmp_path):
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    workers = _write_until_stopped(daemon, stop, acked, lock)
+    try:
+        wait_until(lambda: len(acked) >= 100, 20, daemon, "100 acknowledged notes")
+        with lock:
+            before = dict(acked)
+        counted = _backup(daemon, dest)
+        wait_until(lambda: len(acked) >= len(before) + 50, 20, daemon, "writes after it")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    notes = _notes_in(dest)
+    assert counted == len(notes)
+    missing = {nid: text for nid, text in before.items() if notes.get(nid) != text}
+    assert not missing, "acknowledged before the backup, not in it: %r" % missing
+    assert set(notes) <= set(acked), "in the copy, never acknowledged"
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    _only(os.path.dirname(dest), "copy.db")
+    daemon.assert_serving()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_backup_with_the_daemon_stopped(daemon, tmp_path, how):
+    texts = {daemon.note("stopped %d" % i)["id"]: "stopped %d" % i for i in range(10)}
+    if how == "stop":
+        daemon.stop()
+    else:  # the notes are in notes.db-wal alone
+        pid = daemon.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 5, daemon, "the killed daemon gone")
+        assert os.path.getsize(daemon.database + "-wal") > 0
+    files = sorted(os.listdir(daemon.dir))
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    assert _backup(daemon, dest) == 10
+    assert _notes_in(dest) == texts
+    if how == "stop":  # as it found it: no -wal or -shm left behind
+        assert sorted(os.listdir(daemon.dir)) == files
+    daemon.start()
+    assert daemon.get("/status").json()["notes"] == 10
+
+
+@needs_root
+def test_backup_as_root_of_a_user_daemon_leaves_no_root_file(make_daemon, open_tmp, tmp_path):
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state,
+                    "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
+    texts = {d.note("user %d" % i)["id"]: "user %d" % i for i in range(20)}
+
+    def root_files():
+        return [n for n in os.listdir(state) if os.lstat(os.path.join(state, n)).st_uid == 0]
+
+    backups = _backups(tmp_path)
+    assert _backup(d, os.path.join(backups, "running.db")) == 20
+    assert root_files() == []
+    d.stop()
+    files = sorted(os.listdir(state))
+    assert _backup(d, os.path.join(backups, "stopped.db")) == 20
+    assert root_files() == [] and sorted(os.listdir(state)) == files
+    for name in ("running.db", "stopped.db"):
+        assert _notes_in(os.path.join(backups, name)) == texts
+        assert os.stat(os.path.join(backups, name)).st_uid == 0
+    d.start()
+    assert d.post("after the backups").status == 201
+
+
+@needs_root
+def test_backup_as_root_follows_no_link_the_user_planted(make_daemon, open_tmp, tmp_path):
+    """Root's files stay as they were whatever sqlite makes of links planted
+    as -wal and -shm: backup reads as the daemon's user, who may not open
+    them (SQLite 3.40 refuses both links by itself, even as root)."""
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp)
+    d.note("before")
+    d.stop()
+    victims = [_victim(_directory(open_tmp, name, 0o755)) for name in ("wal", "shm")]
+    for victim, name in zip(victims, ("notes.db-wal", "notes.db-shm")):
+        _plant_symlink(victim, os.path.join(state, name))
+    backups = _backups(tmp_path)
+    r = d.cli("backup", os.path.join(backups, "copy.db"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.startswith("notesd: "), r.stderr
+    assert all(_untouched(victim) for victim in victims)
+    _only(backups)
+
+
+def test_backup_refuses_an_existing_dest_unless_force(shared, tmp_path):
+    texts = {shared.note(t)["id"]: t for t in (unique("force") for _ in range(3))}
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    with open(dest, "w") as f:
+        f.write("yesterday's copy\n")
+    r = shared.cli("backup", dest)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert dest in r.stderr and "--force" in r.stderr, r.stderr
+    with open(dest) as f:
+        assert f.read() == "yesterday's copy\n"
+    _only(backups, "copy.db")
+    # the mode is 0600 whatever the umask: 0277 would leave 0400, 0 gives cp 0644
+    for umask in (0o277, 0o000):
+        counted = _backup(shared, dest, "--force", preexec_fn=lambda: os.umask(umask))
+        assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600, oct(umask)
+        notes = _notes_in(dest)
+        assert counted == len(notes) and texts.items() <= notes.items()
+        _only(backups, "copy.db")
+
+
+def test_backup_errors_exit_1_and_leave_no_file(shared, tmp_path):
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    never = Daemon(tmp_path / "never-started")
+    missing = str(tmp_path / "no-state-dir")
+    for d, database in ((never, never.database), (Daemon(missing), missing)):
+        r = d.cli("backup", dest)
+        assert r.returncode == 1 and database in r.stderr, (r.stdout, r.stderr)
+        assert "no database" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(never.database)  # backup made none
+    os.mkdir(os.path.join(backups, "a-directory"))
+    for target, why, extra in ((os.path.join(backups, "a-directory"), "directory", "--force"),
+                               (os.path.join(backups, "missing", "copy.db"), "No such file", "")):
+        r = shared.cli("backup", target, *filter(None, [extra]))
+        assert r.returncode == 1, (target, r.stdout, r.stderr)
+        assert target in r.stderr and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    _only(backups, "a-directory")
+    assert os.listdir(os.path.join(backups, "a-directory")) == []
+
+
+def test_backup_dest_in_a_directory_others_can_write(shared, tmp_path):
+    """sqlite opens the temporary file by name: in a directory others may
+    write, one of them could swap it for a link first. Sticky (/tmp) is
+    fine: nobody else may rename or remove a file of ours there."""
+    directory = os.path.join(_backups(tmp_path), "shared")
+    os.mkdir(directory)
+    os.chmod(directory, 0o777)
+    dest = os.path.join(directory, "copy.db")
+    r = shared.cli("backup", dest)
+    assert r.returncode == 1 and dest in r.stderr and "others" in r.stderr, r.stderr
+    _only(directory)
+    os.chmod(directory, 0o1777)
+    _backup(shared, dest)
+    _only(directory, "copy.db")
+
+
+@needs_unshare
+def test_backup_to_a_full_or_read_only_filesystem(shared, tmp_path):
+    """What root cannot write either: a full (one page) or a read-only tmpfs,
+    mounted in a mount namespace of the backup's own, gone when it exits.
+    On the full one, the temporary file is made before the copy fails."""
+    shared.note("a database of more than one page")
+    target = os.path.join(_backups(tmp_path), "mnt")
+    os.mkdir(target)
+    script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; shift 2; "$@"; rc=$?; '
+              'echo "left: $(ls -A "$0")"; exit $rc')
+    argv = shared.argv("backup", os.path.join(target, "copy.db"))
+    for mount in ("size=4k", "ro"):
+        r = subprocess.run(["unshare", "--mount", "sh", "-c", script, target, mount, target,
+                            *argv], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert r.returncode == 1, (mount, r.returncode, r.stdout, r.stderr)
+        assert "copy.db" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout.rstrip("\n").endswith("left: "), (mount, r.stdout)
+    shared.assert_serving()
+
+
+def test_backup_usage_errors_exit_2(tmp_path):
+    d = Daemon(tmp_path)
+    for argv in (("backup",), ("start", "/tmp/x.db"), ("backup", "a.db", "b.db")):
+        r = d.cli(*argv)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert "usage:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert d.pid() is None and not os.path.exists(d.database)
+
+
+def _damage(path, how):
+    """Overwrite part of a page in the middle of a database, as a bad disk would."""
+    size = os.path.getsize(path)
+    page = 4096 * (size // 4096 // 2)
+    assert size >= 8 * 4096, "not a multi-page database: %d bytes" % size
+    with open(path, "r+b") as f:
+        if how == "cells":  # the page's header stays: count(*) still works
+            f.seek(page + 2048)
+            f.write(os.urandom(1024))
+        else:
+            f.seek(page)
+            f.write(os.urandom(4096))
+        os.fsync(f.fileno())
+
+
+def test_damaged_database_is_refused_at_start(make_daemon, tmp_path):
+    """Damage in a note's cells (count(*) does not see it, so notesd used to
+    serve from it) and a whole page of garbage; start, run and backup refuse
+    both, naming the file and pointing at the README's restore recipe."""
+    d = make_daemon()
+    d.stop()  # notesd made the database; fill it faster than HTTP would
+    db = sqlite3.connect(d.database)
+    with db:
+        db.executemany("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
+                       [("%d %s" % (i, "damage " * 60), "2024-11-28T09:00:00.000000Z",
+                         "2024-11-28T09:00:00.000000Z") for i in range(100)])
+    db.close()
+    healthy = d.database + ".healthy"
+    shutil.copy(d.database, healthy)
+    backups = _backups(tmp_path)
+    for how, commands in (("cells", ("start", "run", "backup")), ("page", ("start",))):
+        shutil.copy(healthy, d.database)
+        _damage(d.database, how)
+        for command in commands:
+            argv = (command, os.path.join(backups, "copy.db")) if command == "backup" else \
+                (command,)
+            r = d.cli(*argv)
+            assert r.returncode == 1, (how, command, r.stdout, r.stderr, d.log()[-2000:])
+            assert "quick_check" in r.stderr and "README" in r.stderr, (how, r.stderr)
+            assert command == "backup" or d.database in r.stderr, (how, r.stderr)
+            assert d.pid() is None and not os.path.exists(d.urlfile)
+    _only(backups)
+    shutil.copy(healthy, d.database)
+    d.start()
+    assert d.get("/status").json()["notes"] == 100
+
+
+def _readme_block(heading, fence):
+    """The first ``` block (opened by `fence`) after the `heading` line."""
+    text = _readme().split("\n" + heading + "\n", 1)[1]
+    return re.search(r"^" + re.escape(fence) + r"\n(.*?)^```", text, re.M | re.S).group(1)
+
+
+def _readme_sub(text, old, new):
+    """text with the README's example value `old` made the test's `new`: once."""
+    assert text.count(old) == 1, (old, text)
+    return text.replace(old, new)
+
+
+def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
+    """Exactly what README.md says: the cron line takes a backup; notes come
+    after it; the daemon is killed (so the old database's -wal is there);
+    the restore recipe, run as it stands, brings back the backup's notes."""
+    state = os.path.join(open_tmp, "state")
+    user = ("--user", "nobody") if IS_ROOT else ()
+    d = make_daemon(*user, "--state-dir", state, directory=open_tmp)
+    kept = {d.note("kept %d" % i)["id"]: "kept %d" % i for i in range(20)}
+    notesd = " ".join(shlex.quote(a) for a in d.argv())
+    backups = _backups(tmp_path)
+
+    cron = [line for line in _readme_block("## Backups", "```").splitlines()
+            if re.match(r"(\S+ ){5}", line)]
+    assert len(cron) == 1, cron
+    command = cron[0].split(" ", 5)[5].replace("\\%", "%")  # as cron runs it, with sh
+    command = _readme_sub(command, "python3 /opt/notesd/notesd.py -c /etc/notesd.conf", notesd)
+    command = _readme_sub(command, "/var/backups/notesd", backups)
+    r = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (command, r.stdout, r.stderr)
+    (name,) = os.listdir(backups)
+    assert re.fullmatch(r"notes-\d{4}-\d\d-\d\d\.db", name), name
+
+    lost = [d.note("after the backup %d" % i)["id"] for i in range(5)]
+    pid = d.pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 5, d, "the killed daemon gone")
+    database = os.path.join(state, "notes.db")
+    assert os.path.getsize(database + "-wal") > 0
+
+    recipe = _readme_block("### Restore", "```sh")
+    recipe = _readme_sub(recipe, '"python3 /opt/notesd/notesd.py -c /etc/notesd.conf"',
+                         shlex.quote(notesd))
+    recipe = _readme_sub(recipe, "/var/backups/notesd/notes-2024-11-28.db",
+                         os.path.join(backups, name))
+    recipe = _readme_sub(recipe, "cd /var/lib/notesd ", "cd %s " % shlex.quote(state))
+    recipe = _readme_sub(recipe, "chown notesd: ", "chown nobody: " if IS_ROOT else ": ")
+    r = subprocess.run(["sh", "-e", "-c", recipe], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (recipe, r.stdout, r.stderr)
+    d.after_start()
+    assert d.get("/status").json()["notes"] == len(kept)
+    for nid, text in kept.items():
+        assert d.get("/%d/" % nid).json()["text"] == text
+    for nid in lost:
+        assert d.get("/%d/" % nid).status == 404
+    st = os.stat(database)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == (pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.getuid())
+    assert _notes_in(os.path.join(backups, name)) == kept  # the backup stays as it was
 
 
 if __name__ == "__main__":
