@@ -792,17 +792,11 @@ class Store:
 
     def rescue(self):
         """Copy the database as this connection still sees it to a new file
-        beside its path, mode 0600: removed files stay readable through the
-        descriptors sqlite holds, and the online backup API reads through
-        them. Returns the copy's path."""
+        beside its path, as `backup` does (backup_database): removed files
+        stay readable through the descriptors sqlite holds, and the online
+        backup API reads through them. Returns the copy's path."""
         copy = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(copy, flags, 0o600))
-        target = sqlite3.connect(copy)
-        try:
-            self.db.backup(target)
-        finally:
-            target.close()
+        backup_database(self.db, copy)
         return copy
 
     def vanished(self):
@@ -1129,7 +1123,7 @@ class MainLoop:
         """What the daemon still holds, saved before a stop loses it."""
         try:
             return f"every note it held was saved to {self.store.rescue()}"
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, NotesdError) as e:
             return f"could not save the notes it held: {e}"
 
     def _storage_failed(self, message):
