@@ -457,7 +457,7 @@ def shared(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_daemons(tmp_path_factory):
     """Safety net: at the end, kill (and report) any notesd started under our temp dirs."""
-    base = str(tmp_path_factory.getbasetemp())
+    base = str(tmp_path_factory.getbasetemp()) + "/"  # not pytest-15 for pytest-153
     yield
     leaked = notesd_processes(base) + notesd_processes(OPEN_TMP_PREFIX)
     for pid in leaked:
