@@ -2817,6 +2817,10 @@ class PidFile:
             raise NotesdError(f"cannot lock pid file {path}: it keeps being replaced")
         os.ftruncate(fd, 0)  # a stale pid file is ours now
         os.fchmod(fd, 0o644)  # whatever the umask: monitoring reads it as any user
+        # A URL file left by a daemon killed before it could remove it names a
+        # port that anybody may have bound since: gone before our pid shows,
+        # or `check` would send him the token until we write ours.
+        _remove_published(url_file(path))
         os.write(fd, b"%d\n" % os.getpid())
         self.path, self.fd = path, fd
 
@@ -2836,8 +2840,8 @@ class PidFile:
     def remove(self):
         """At exit: the pid file and the URL file beside it. May fail after
         dropping privileges; `stop` then removes them."""
-        _remove(url_file(self.path))
-        _remove(self.path)
+        _remove_published(url_file(self.path))
+        _remove_published(self.path)
 
 
 def url_file(pidfile):
@@ -2895,11 +2899,21 @@ def read_url(config):
     return url if URL_FILE_RE.fullmatch(url) else None
 
 
-def _remove(path):
+def _remove_published(path):
+    """Remove a pid or URL file, if someone we trust wrote it
+    (_open_published) and it is still the file at that path: root must not
+    delete another user's file (in /tmp, say) because it has our name."""
     try:
-        os.unlink(path)
+        fd = _open_published(path)
+    except (OSError, NotesdError):
+        return
+    try:
+        if os.path.samestat(os.fstat(fd), os.lstat(path)):
+            os.unlink(path)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid):
@@ -3374,8 +3388,8 @@ def _remove_leftovers(config):
     finally:
         os.close(fd)
     if unlocked:
-        _remove(config.pidfile)
-        _remove(url_file(config.pidfile))
+        _remove_published(config.pidfile)
+        _remove_published(url_file(config.pidfile))
 
 
 def cmd_restart(config, args):
@@ -3473,12 +3487,20 @@ def unreadable_config(config):
 
 
 def daemon_url(config):
-    """Where the daemon serves: its URL file, or else `listen`."""
-    return read_url(config) or f"http://{config.listen}/"
+    """Where the daemon serves, from its URL file (OSError if there is none:
+    not yet written, or not trusted). Never `listen` instead: with port 0,
+    or before the daemon binds, anybody may hold that port, and requests
+    carry the token."""
+    url = read_url(config)
+    if url is None:
+        raise FileNotFoundError(f"no URL file {url_file(config.pidfile)} (starting?)")
+    return url
 
 
 def api_request(config, path, method="GET", body=None):
-    """(status, JSON body) of a request to the running daemon."""
+    """(status, JSON object) of a request to the running daemon, within
+    `timeout` in all: a server that drips its reply a byte at a time would
+    outlast any per-read timeout (SIGALRM: the CLI is one thread)."""
     url = urllib.parse.urlsplit(daemon_url(config))
     host = url.hostname
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -3486,12 +3508,22 @@ def api_request(config, path, method="GET", body=None):
     headers = {"Accept": JSON_TYPE}
     if config.token:
         headers["Authorization"] = "Bearer " + config.token
+
+    def late(signum, frame):
+        raise TimeoutError(f"no whole reply within {config.timeout:g}s")
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, config.timeout)
     try:
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        reply = json.loads(response.read(1 << 20) or b"{}")
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         connection.close()
+    if not isinstance(reply, dict):
+        raise ValueError(f"{path} answered {type(reply).__name__}, not a JSON object")
+    return response.status, reply
 
 
 def cmd_check(config, args):
@@ -3511,7 +3543,7 @@ def cmd_check(config, args):
                   f"{status.get('message', 'no figures')}")
             return 3
     except (OSError, ValueError, http.client.HTTPException) as e:
-        print(f"NOTESD CRITICAL - no answer from {daemon_url(config)}: {e}")
+        print(f"NOTESD CRITICAL - no answer from {read_url(config) or 'notesd'}: {e}")
         return 2
     lag = health.get("loop_lag_ms", 0.0)
     state = 2 if lag >= args.crit_lag else 1 if lag >= args.warn_lag else 0

@@ -3715,6 +3715,41 @@ def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
     assert _notes_in(os.path.join(backups, name)) == kept  # the backup stays as it was
 
 
+
+def test_stale_url_file_never_gets_the_token(make_daemon):
+    """A daemon killed before it removed its URL file leaves the port it
+    named to anybody; while the next daemon starts, check must not send
+    the token there."""
+    d = make_daemon("--token", "stale-secret")
+    old_port = d.port
+    os.kill(d.pid(), signal.SIGKILL)
+    wait_until(lambda: not alive(d.pid()), 5, d, "the daemon to die")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    wait_until(lambda: listener.bind(("127.0.0.1", old_port)) or True, 5, d, "the old port")
+    listener.listen(5)
+    listener.setblocking(False)
+    for name in glob.glob(d.database + "*"):
+        os.unlink(name)
+    _old_database(d.database, ["an older schema"])  # the next start must write
+    blocker = sqlite3.connect(d.database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # so it waits on the database, pid file written
+    start = subprocess.Popen(d.argv("start"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: d.cli("status").returncode == 0, 10, d, "the new daemon's pid")
+        r = d.cli("check")
+        assert r.returncode != 0, r.stdout
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        start.communicate(timeout=CLI_TIMEOUT)
+        listener.close()
+    d.after_start()
+    assert d.cli("check").returncode == 0
+
+
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
