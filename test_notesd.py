@@ -3750,6 +3750,398 @@ def test_stale_url_file_never_gets_the_token(make_daemon):
     assert d.cli("check").returncode == 0
 
 
+###############################################################################
+# Framing, bodies and logs under hostile clients (issue 9) ####################
+###############################################################################
+# Where a request's body ends decides where the next request starts: when a
+# proxy and notesd could read the framing differently, a request can be
+# smuggled past the proxy (RFC 9112 6.3, 11.2). These tests send raw bytes:
+# every ambiguity is refused and the connection closed; chunked bodies are
+# read under max_body; bodies in flight are bounded; no control byte from a
+# client reaches the log.
+
+
+def _head(method, path, *fields, version="HTTP/1.1"):
+    """A request head with a Host field and `fields`, ready for a body."""
+    return ("%s %s %s\r\nHost: localhost\r\n%s\r\n"
+            % (method, path, version, "".join(f + "\r\n" for f in fields))).encode("latin-1")
+
+
+def chunked(*pieces, trailer=b""):
+    """`pieces` as a chunked body (RFC 9112 7.1): a chunk each, the last chunk, `trailer`."""
+    return (b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+            + b"0\r\n" + trailer + b"\r\n")
+
+
+def _note_body(text, kind):
+    """(Content-Type, body) of a note as JSON, a form or multipart."""
+    if kind == "json":
+        return "application/json", json.dumps({"text": text}).encode()
+    if kind == "form":
+        return ("application/x-www-form-urlencoded",
+                urllib.parse.urlencode({"text": text}).encode())
+    return ("multipart/form-data; boundary=b0undary",
+            ('--b0undary\r\nContent-Disposition: form-data; name="text"\r\n\r\n%s\r\n'
+             "--b0undary--\r\n" % text).encode())
+
+
+def _absent(d, marker):
+    """No note holds marker: nothing that carried it ran."""
+    r = d.get("/?q=" + urllib.parse.quote(marker))
+    return r.status == 200 and r.json() == []
+
+
+def _status_line(sock):
+    """The first line of the server's reply, read byte by byte (nothing more
+    is consumed: the caller may still read the rest)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        assert byte, "connection closed before a status line: %r" % line
+        line += byte
+    return line
+
+
+@pytest.mark.parametrize("target, fields, expected", [
+    ("/health", 30, 200),                  # 30 fields of 1000 bytes: within 32 KiB
+    ("/health", 40, 431),                  # 40 KB: each line, and the count, were fine before
+    ("/health?" + "a" * 20000, 14, 431),   # the request line counts too
+    ("/health?" + "a" * 40000, 0, 414),    # a request line alone over the bound
+], ids=["30k", "40k", "request-line-counts", "request-line-alone"])
+def test_header_section_is_bounded(shared, target, fields, expected):
+    """A stalled header section held up to 100 lines of 64 KiB (issue 9 item 6)."""
+    head = _head("GET", target, *("X-H%d: %s" % (i, "v" * 990) for i in range(fields)))
+    status, headers, body, closed = exchange(shared.port, head, closes=expected != 200)
+    if expected == 200:
+        assert status == 200, (status, body)
+    else:
+        assert_json_error(status, headers, body, expected)
+        assert closed
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("data", [
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: identity",
+          "Content-Length: 19") + b'{"text": "te+cl-1"}',
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: chunked",
+          "Content-Length: 19") + chunked(b'{"text": "te+cl-2"}'),
+    _head("GET", "/health", "Content-Length: 0", "Content-Length: 5") + b"hello",
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: chunked",
+          version="HTTP/1.0") + chunked(b'{"text": "te-1.0"}'),
+    _head("GET", "/health", "X-A: a\rb"),
+    _head("GET", "/health", "X-A: a\x00b"),
+    _head("GET", "/health", "X-A: a\x1b[31mb"),
+    _head("GET", "/health", "X-A\x00: b"),
+    b"GET\x0b/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health\x0cHTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET\xa0/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET\t/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET  /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health HTTP/1.1\r\r\nHost: localhost\r\n\r\n",
+    b"GET /he\x01alth HTTP/1.1\r\nHost: localhost\r\n\r\n",
+], ids=["te-identity+cl", "te-chunked+cl", "differing-cl", "te-in-http-1.0", "cr-in-value",
+        "nul-in-value", "esc-in-value", "nul-in-name", "vt-separator", "ff-separator",
+        "nbsp-separator", "tab-separator", "two-spaces", "bare-cr-ending", "ctl-in-target"])
+def test_ambiguous_framing_and_control_characters_are_400_and_close(shared, data):
+    """RFC 9112 3, 5, 6.1, 6.3: what two parsers could read differently is
+    refused, and the connection closed (issue 9 item 8)."""
+    status, headers, body, closed = exchange(shared.port, data, closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert headers.get("connection", "").lower() == "close", headers
+    assert closed, "the connection stayed open after a 400"
+    for marker in ("te+cl-1", "te+cl-2", "te-1.0"):
+        assert _absent(shared, marker), marker
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("kind", ["json", "form", "multipart"])
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_chunked_bodies_are_read(shared, method, kind):
+    """Every body-taking request accepts chunked, with extensions and trailer
+    fields, and the connection stays in step (issue 9 item 9)."""
+    path = "/" if method == "POST" else "/%d/" % shared.note("before")["id"]
+    text = unique("chunked")
+    content_type, body = _note_body(text, kind)
+    a, b, c = body[:5], body[5:-3], body[-3:]
+    encoded = (b"%x;name=value\r\n%s\r\n" % (len(a), a)
+               + b'%X ; q="a \\" b" ;x\r\n%s\r\n' % (len(b), b)
+               + b"%x\r\n%s\r\n" % (len(c), c)
+               + b"0\r\nX-Checksum: whatever\r\nX-Other: too\r\n\r\n")
+    data = _head(method, path, "Content-Type: " + content_type,
+                 "Transfer-Encoding: chunked") + encoded
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        with s.makefile("rb") as f:
+            s.sendall(data)
+            status, headers, reply = read_reply(f)
+            assert status == (201 if method == "POST" else 200), (status, reply)
+            assert json.loads(reply)["text"] == text
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still in step
+            assert read_reply(f)[0] == 200
+
+
+def test_chunked_config_patch(shared):
+    data = (_head("PATCH", "/config", "Content-Type: application/json",
+                  "Transfer-Encoding: chunked") + chunked(b'{"log_level":', b' "info"}'))
+    status, headers, body, _ = exchange(shared.port, data)
+    assert status == 200, (status, body)
+    assert json.loads(body)["log_level"] == "info"
+
+
+@pytest.mark.parametrize("coding, expected", [
+    ("CHUNKED", 201), ("gzip, chunked", 501), ("gzip", 400), ("identity", 400),
+    ("chunked, chunked", 400), ("chunked;x=1", 400)])
+def test_transfer_codings(shared, coding, expected):
+    """Only chunked (RFC 9112 6.1: 501 for a coding not understood; 6.3: 400
+    when chunked is not the final coding, as the length is then unknown)."""
+    text = unique("coding")
+    data = (_head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: " + coding)
+            + chunked(json.dumps({"text": text}).encode()))
+    status, headers, body, closed = exchange(shared.port, data, closes=expected != 201)
+    if expected == 201:
+        assert status == 201, (status, body)
+        return
+    assert_json_error(status, headers, body, expected)
+    assert closed
+    assert _absent(shared, text)
+
+
+def test_chunked_body_over_max_body_is_413_from_the_size_line(shared):
+    """max_body holds whatever the framing; a chunk that would pass it is
+    refused at its size line, before its data (one huge chunk, or the sum)."""
+    limit = 1048576  # the default max_body
+    for chunks in (b"%x\r\n" % (limit + 1),
+                   b"%x\r\n%s\r\n%x\r\n" % (limit // 2, b" " * (limit // 2), limit // 2 + 1)):
+        data = _head("POST", "/", "Content-Type: application/json",
+                     "Transfer-Encoding: chunked") + chunks
+        status, headers, body, closed = exchange(shared.port, data, closes=True)
+        assert_json_error(status, headers, body, 413)
+        assert closed
+
+
+BODY = b'{"text": "malformed-chunks"}'
+
+
+@pytest.mark.parametrize("chunks", [
+    b"g\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"-1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"0x1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"+1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"0000000000000001c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1" + b"0" * 16 + b"\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b" 1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c \r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"XX\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"\n0\r\n\r\n",
+    b"1c;\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;=v\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a=\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b'1c;a="open\r\n' + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a=b c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a\x00\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nBad Trailer: x\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nX-T: a\x00b\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nX-T: a\r\n folded\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nno colon\r\n\r\n",
+], ids=["not-hex", "negative", "0x", "plus", "empty-size", "17-digits", "overflow",
+        "space-before", "space-after", "bare-lf-size", "data-too-long", "bare-lf-data",
+        "ext-no-name", "ext-empty-name", "ext-empty-value", "ext-open-quote", "ext-space",
+        "ext-nul", "trailer-space-in-name", "trailer-nul", "trailer-fold", "trailer-no-colon"])
+def test_malformed_chunked_body_is_400_and_closes(shared, chunks):
+    data = _head("POST", "/", "Content-Type: application/json",
+                 "Transfer-Encoding: chunked") + chunks
+    status, headers, body, closed = exchange(shared.port, data, closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert closed
+    assert _absent(shared, "malformed-chunks")
+    shared.assert_serving()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("how", ["upload-stdin", "data-binary-chunked", "form-chunked"])
+def test_streaming_clients_with_curl(shared, how):
+    """curl -T - (and any client that does not know the length) sends chunked."""
+    text = unique("stream")
+    url, stdin = shared.url, ("text=" + text).encode()
+    if how == "upload-stdin":
+        url, stdin = url + "%d" % shared.note("to replace")["id"], json.dumps({"text": text})
+        args = ["-T", "-"]
+    elif how == "data-binary-chunked":
+        args = ["-H", "Transfer-Encoding: chunked", "--data-binary", "@-"]
+    else:
+        stdin = text.encode()
+        args = ["-H", "Transfer-Encoding: chunked", "-F", "text=<-"]
+    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", *args, url],
+                       input=stdin if isinstance(stdin, bytes) else stdin.encode(),
+                       capture_output=True, timeout=CLI_TIMEOUT)
+    body, _, code = r.stdout.decode().rpartition("\n")
+    assert code in ("200", "201"), (code, body, r.stderr)
+    assert json.loads(body)["text"] == text
+
+
+@pytest.mark.parametrize("cut", [
+    b"Content-Length: 40\r\n\r\n" + BODY,
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY[:-1],
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n0\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n0\r\nX-T: v\r\n",
+], ids=["content-length", "mid-chunk", "no-last-chunk", "no-empty-line", "mid-trailer"])
+def test_body_cut_short_is_never_executed(shared, cut):
+    """Issue 9 item 1's rule for bodies: a body shorter than its framing says
+    (the client closed its side) never runs, whatever the framing."""
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + cut)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert not reply.startswith(b"HTTP/1.1 2"), reply
+    assert _absent(shared, "malformed-chunks")
+
+
+@pytest.mark.parametrize("method, path, expected", [
+    ("GET", "/health", 200), ("HEAD", "/health", 200), ("OPTIONS", "/", 204),
+    ("DELETE", "/%d/", 204)])
+def test_expect_100_continue_without_a_body_is_served(shared, method, path, expected):
+    """A request without content needs no 100 (RFC 9110 10.1.1): it is
+    simply served, not refused with 411 (issue 9 item 11)."""
+    if "%d" in path:
+        path %= shared.note("expect")["id"]
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(_head(method, path, "Expect: 100-continue"))
+        line = _status_line(s)
+    assert line.startswith(b"HTTP/1.1 %d " % expected), line
+
+
+def test_expect_100_continue_with_a_chunked_body(shared):
+    text = unique("expect")
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(_head("POST", "/", "Content-Type: application/json",
+                        "Transfer-Encoding: chunked", "Expect: 100-continue"))
+        assert _status_line(s).startswith(b"HTTP/1.1 100 "), "no 100 Continue"
+        assert _status_line(s) == b"\r\n"
+        s.sendall(chunked(json.dumps({"text": text}).encode()))
+        with s.makefile("rb") as f:
+            status, headers, body = read_reply(f)
+    assert status == 201 and json.loads(body)["text"] == text, (status, body)
+
+
+CONTROLS_IN_LOG = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def test_control_characters_never_reach_the_log(shared):
+    """A client's ESC must not reach a sysadmin's `tail -f` (issue 9 item 10)."""
+    marker = unique("esc").encode()
+    for target in (b"/%s\x1b[2J\x1b]0;owned\x07" % marker, b"/%s\x9b31m" % marker,
+                   b"/%s\x7f" % marker):
+        exchange(shared.port, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+
+    def logged():
+        lines = [line for line in shared.log().split("\n") if marker.decode() in line]
+        return lines if len(lines) >= 3 else None
+
+    lines = wait_until(logged, daemon=shared, what="three access log lines")
+    assert "\\x1b[2J" in lines[0], lines
+    found = CONTROLS_IN_LOG.findall(shared.log())
+    assert not found, "control characters in the log: %r" % found
+
+
+@pytest.mark.parametrize("kind", ["form", "multipart"])
+def test_form_with_too_many_fields_is_400(shared, kind):
+    """A 1 MiB form of tiny fields cost half a million pairs in memory, or
+    seconds of CPU in the MIME parser: at most 100 fields."""
+    text = unique("fields")
+    if kind == "form":
+        content_type, body = "application/x-www-form-urlencoded", ("a=&" * 100 + "text=" + text)
+    else:
+        part = '--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n\r\n'
+        content_type = "multipart/form-data; boundary=b"
+        body = (part * 100 + '--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'
+                + text + "\r\n--b--\r\n")
+    r = shared.request("POST", "/", body, {"Content-Type": content_type})
+    assert_error(r, 400)
+    assert _absent(shared, text)
+    content_type, body = _note_body(text, kind)  # one field is fine
+    assert shared.request("POST", "/", body, {"Content-Type": content_type}).status == 201
+
+
+def _fixed_json(length, marker="budget"):
+    """A JSON note body of exactly `length` bytes."""
+    body = json.dumps({"text": marker + "x" * (length - 12 - len(marker))}).encode()
+    assert len(body) == length
+    return body
+
+
+def test_bodies_in_flight_are_bounded(make_daemon):
+    """Request bodies held at once are bounded across connections: above
+    the bound, 503 with Retry-After, before the body is read (issue 9 item 5)."""
+    d = make_daemon("--max-body", "1000", "--max-body-total", "1500")
+    body = _fixed_json(1000)
+    head = _head("POST", "/", "Content-Type: application/json", "Content-Length: 1000")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as holder:
+        holder.sendall(head[:-2] + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        assert _status_line(holder).startswith(b"HTTP/1.1 100 ")  # its 1000 bytes are held
+        assert _status_line(holder) == b"\r\n"
+        # refused from its headers alone, body not sent: the 503 comes at once
+        status, headers, reply, closed = exchange(d.port, head, closes=True)
+        assert_json_error(status, headers, reply, 503)
+        assert int(headers["retry-after"]) > 0 and closed
+        # refused instead of a 100 Continue
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(head[:-2] + b"Expect: 100-continue\r\n\r\n")
+            assert _status_line(s).startswith(b"HTTP/1.1 503 ")
+        holder.sendall(body)
+        with holder.makefile("rb") as f:
+            assert read_reply(f)[0] == 201
+        assert closed_by_server(holder)  # the request is over
+    assert exchange(d.port, head + body)[0] == 201  # released
+
+
+def test_bodies_in_flight_are_released_on_every_path(make_daemon):
+    """Every way a request can end gives its reservation back: a leak of
+    1000 bytes would leave too little of the 1500 for the last POST."""
+    d = make_daemon("--max-body", "1000", "--max-body-total", "1500", "--timeout", "0.5")
+    body = _fixed_json(1000)
+
+    def head(method="POST", path="/", *fields):
+        return _head(method, path, "Content-Type: application/json", "Content-Length: 1000",
+                     "Connection: close", *fields)
+
+    endings = {
+        "created": head() + body,
+        "malformed-json": head() + b"{" * 1000,
+        "wrong-type": head("POST", "/", "Content-Type: text/plain") + body,
+        "wrong-method": head("POST", "/health", "Expect: 100-continue") + body,
+        "unknown-method": head("FROB", "/", "Expect: 100-continue") + body,
+        "stalled": head() + body[:10],
+        "chunked-413": _head("POST", "/", "Transfer-Encoding: chunked",
+                             "Connection: close") + b"3e9\r\n",
+        "chunked-400": _head("POST", "/", "Transfer-Encoding: chunked",
+                             "Connection: close") + b"zz\r\n",
+    }
+    for name, data in endings.items():
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(data)
+            with s.makefile("rb") as f:
+                status = 100
+                while status == 100:  # past a 100 Continue to the final reply
+                    status, headers, reply = read_reply(f)
+            assert closed_by_server(s), name
+        assert status != 503, (name, reply)
+        status, headers, reply, closed = exchange(d.port, head() + body, closes=True)
+        assert status == 201 and closed, "leaked after %s: %r" % (name, reply)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:  # aborted body
+        s.sendall(head() + body[:10])
+        s.shutdown(socket.SHUT_WR)
+        assert closed_by_server(s)
+    assert exchange(d.port, head() + body)[0] == 201, "leaked after an aborted body"
+    d.assert_serving()
+
+
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
