@@ -2892,19 +2892,14 @@ PID_WRITE_GRACE = 1.0
 
 def _lock_owner(fd):
     """The pid that holds a write lock on the open file `fd` (-1: an OFD
-    lock), or None when nobody does. A read lock raises a NotesdError: it
-    blocks our lockf() but is never a daemon's, and anyone who may read the
-    file can take one (with the pid it names, after pid reuse)."""
+    lock), or None when nobody does. A read lock counts as none: it is never
+    a daemon's, and anyone who may read the file can take one (with the pid
+    it names, after pid reuse); `start` then takes a new file (PidFile)."""
     fmt, names = FLOCK
     query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
     answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
     result = dict(zip(names, struct.unpack(fmt, answer)))
-    if result["type"] == fcntl.F_UNLCK:
-        return None
-    if result["type"] != fcntl.F_WRLCK:
-        raise NotesdError(f"the pid file is read-locked by {_describe(result['pid'])}, "
-                          "which is not notesd")
-    return result["pid"]
+    return result["pid"] if result["type"] == fcntl.F_WRLCK else None
 
 
 def _lock_holder(path):
@@ -2915,8 +2910,6 @@ def _lock_holder(path):
         return None
     try:
         return _lock_owner(fd)
-    except NotesdError:
-        return -1
     finally:
         os.close(fd)
 
@@ -3014,6 +3007,8 @@ class PidFile:
     def __init__(self, path):
         for _ in range(10):
             fd = self._lock(path)
+            if fd is None:
+                continue
             # A `stop` may have unlinked the file between our open and our
             # lock: then the lock guards nothing. Lock the file at the path.
             try:
@@ -3042,9 +3037,15 @@ class PidFile:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise AlreadyRunning(running_pid(path)) from None
-            raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
+            pid = running_pid(path)  # raises for a holder that is not notesd
+            if pid:
+                raise AlreadyRunning(pid) from None
+            # Only read locks, which any reader may take and no daemon does:
+            # a new file at the path leaves them on the old one.
+            _remove_published(path)
+            return None
         return fd
 
     def remove(self):
@@ -3593,8 +3594,6 @@ def _remove_leftovers(config):
         return  # gone, or not ours to remove
     try:
         unlocked = _lock_owner(fd) is None
-    except NotesdError:
-        unlocked = False
     finally:
         os.close(fd)
     if unlocked:
