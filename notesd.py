@@ -496,7 +496,11 @@ def _derive_paths(values):
     root = values["_root"]
     if not values["state_dir"]:
         # The passwd entry's home, not $HOME: cron may run us with HOME=/.
-        home = pwd.getpwuid(os.geteuid()).pw_dir
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:  # a uid with no entry (containers): say so, no traceback
+            raise ConfigError(f"uid {os.geteuid()} has no passwd entry, so state_dir and "
+                              "pidfile have no default; set them") from None
         values["state_dir"] = ("/var/lib/notesd" if root else
                                os.path.join(home, ".local/state/notesd"))
     state = values["state_dir"]
@@ -2612,6 +2616,24 @@ def check_directory(path, trusted, file_stat=None):
             f"file; use a directory that only {who} can write")
 
 
+def check_ancestors(directory):
+    """Refuse a path under a directory that someone we do not trust could
+    change: whoever may write a directory above `directory` may swap the
+    component below it for a symbolic link between our checks and our
+    opens (which go by path: sqlite's, the log's). So root or we must own
+    every directory from / down to `directory`'s parent, writable by no one
+    else, or sticky with the component below ours (check_directory). Only
+    root and us: not even the daemon's user, who owns state_dir itself."""
+    path = os.path.abspath(directory)
+    while path != "/":
+        try:
+            below = os.lstat(path)
+        except FileNotFoundError:
+            below = None  # to be created, by us
+        check_directory(path, trusted_ids(), below)
+        path = os.path.dirname(path)
+
+
 def jailed(path, root):
     """`path` as seen after chroot(root); unchanged if it lies outside."""
     root = root.rstrip("/")
@@ -2785,8 +2807,18 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     emit() reopens a moved file before the try that guards the write, so a
     log directory gone missing would otherwise take down the main loop."""
 
+    def __init__(self, filename, trusted, **kwargs):
+        self.trusted = trusted  # trusted_ids(): root, us, the daemon's user
+        super().__init__(filename, **kwargs)
+
     def _open(self):
         fd = open_safely(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:  # root appends to it and hands it over: it must be ours (check_directory)
+            check_directory(self.baseFilename, self.trusted, os.fstat(fd))
+            check_ancestors(os.path.dirname(self.baseFilename))
+        except BaseException:
+            os.close(fd)
+            raise
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record):
@@ -2821,7 +2853,7 @@ class Logs:
             fmt = "notesd[%(process)d]: %(levelname)s %(message)s"
         else:
             try:
-                handler = _LogFile(target, encoding="utf-8")
+                handler = _LogFile(target, trusted_ids(daemon_account(config)), encoding="utf-8")
             except OSError as e:  # open_safely's own refusals carry the path already
                 raise NotesdError(f"cannot open log file {target}: {e.strerror}") from None
             self.path = target
@@ -2995,6 +3027,7 @@ def _open_public(path):
     fd = open_safely(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         check_directory(path, trusted_ids(), os.fstat(fd))
+        check_ancestors(os.path.dirname(path))
     except BaseException:
         os.close(fd)
         raise
@@ -3426,6 +3459,7 @@ def _make_state_dir(config, account):
         `user` was set. A typo such as state_dir = /var/lib must not give
         /var/lib to the user."""
     path = os.path.normpath(config.state_dir)
+    check_ancestors(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
@@ -3468,6 +3502,7 @@ def _open_store(path, account):
     leads nowhere that user may not go anyway. Files left by a run as root
     are handed over first, through their descriptors."""
     check_directory(path, trusted_ids(account))
+    check_ancestors(os.path.dirname(path))
     for name in (path, path + "-wal", path + "-shm") if account else ():
         try:
             fd = open_safely(name, os.O_RDONLY)

@@ -2936,6 +2936,52 @@ def test_check_with_a_wrong_token_is_unknown(make_daemon):
 
 
 
+@needs_root
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_state_dir_below_a_directory_a_user_may_write_is_refused(make_daemon, open_tmp, user):
+    """Whoever may write a directory above state_dir may swap state_dir for a
+    link to a root-only directory between root's checks and its opens by
+    path (with `user` too: the user may not own state_dir's parent)."""
+    home = _directory(open_tmp, "home", 0o755)
+    os.chown(home, pwd.getpwnam("nobody").pw_uid, -1)
+    roots = _directory(open_tmp, "roots", 0o700)
+    state = _directory(home, "state", 0o700)
+    extra = ("--user", user) if user else ()
+    d = make_daemon(*extra, "--state-dir", state, "--database", os.path.join(state, "notes.db"),
+                    "--log", os.path.join(state, "notesd.log"), start=False)
+    _assert_start_refused(d, home)
+    assert os.listdir(state) == [] and os.listdir(roots) == []
+
+
+@needs_root
+def test_log_file_planted_in_a_shared_directory_is_refused(make_daemon, open_tmp):
+    sticky = _directory(open_tmp, "sticky", 0o1777)
+    planted = os.path.join(sticky, "notesd.log")
+    nobody = pwd.getpwnam("nobody")
+    with open(planted, "w") as f:
+        f.write("nobody's\n")
+    os.chown(planted, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(planted, 0o666)
+    d = make_daemon("--log", planted, start=False)
+    _assert_start_refused(d, planted)
+    with open(planted) as f:
+        assert f.read() == "nobody's\n"
+    assert os.stat(planted).st_uid == nobody.pw_uid
+
+
+@needs_other_user
+def test_uid_without_passwd_entry_gets_a_clear_answer(open_tmp):
+    copy = os.path.join(open_tmp, "notesd.py")
+    shutil.copy(NOTESD, copy)
+    os.chmod(copy, 0o644)
+    for command, code in (("status", 4), ("check", 3)):
+        r = subprocess.run([SYSTEM_PYTHON, copy, command], capture_output=True, text=True,
+                           timeout=CLI_TIMEOUT, cwd="/", user=54321, group=54321,
+                           extra_groups=[], env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "54321" in r.stdout + r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 ###############################################################################
 # Storage that tells the truth ################################################
 ###############################################################################
