@@ -3584,28 +3584,81 @@ def cmd_run(config, args):
 
 
 def cmd_stop(config, args):
-    pid = running_pid(config.pidfile)
-    if not pid:
+    daemon = Verified.find(config.pidfile)
+    if not daemon:
         _remove_leftovers(config)
         print("notesd is not running")
         return 0
-    _signal(pid, signal.SIGTERM)
-    # Stopped means gone and its lock released: a process whose main thread
-    # has exited is a zombie while its other threads still hold the lock.
-    def stopped():
-        return not _alive(pid) and _lock_holder(config.pidfile) != pid
-    if not _wait_for(stopped, config.timeout):
-        if not args.force:
-            print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
-                  "(use --force to kill it)", file=sys.stderr)
-            return 1
-        _signal(pid, signal.SIGKILL)
-        _wait_for(stopped, config.timeout)
-        print(f"notesd killed, pid {pid}")
-    else:
-        print(f"notesd stopped, pid {pid}")
+    pid = daemon.pid
+    with daemon:
+        daemon.signal(signal.SIGTERM)
+        # Stopped means gone and its lock released: a process whose main thread
+        # has exited is a zombie while its other threads still hold the lock.
+        def stopped():
+            return not daemon.alive() and _lock_holder(config.pidfile) != pid
+        if not _wait_for(stopped, config.timeout):
+            if not args.force:
+                print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
+                      "(use --force to kill it)", file=sys.stderr)
+                return 1
+            daemon.signal(signal.SIGKILL)
+            _wait_for(stopped, config.timeout)
+            print(f"notesd killed, pid {pid}")
+        else:
+            print(f"notesd stopped, pid {pid}")
     _remove_leftovers(config)
     return 0
+
+
+class Verified:
+    """The notesd that running_pid() verified, held from then on by a pidfd
+    (pidfd_open(2), Linux 5.3; Python 3.9) where the kernel has them: a
+    signal sent seconds later (stop --force, after the timeout) or a check
+    of whether it lives can then never reach another process that reused
+    its pid. Without pidfds, the pid it is (the gap is then the wait)."""
+
+    def __init__(self, pid, fd):
+        self.pid, self.fd = pid, fd
+
+    @classmethod
+    def find(cls, path):
+        """The verified notesd of the pid file at `path`, or None."""
+        pid = running_pid(path)
+        if not pid:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None  # gone between the two looks
+        except (AttributeError, OSError):
+            return cls(pid, None)
+        if running_pid(path) != pid:  # the pid was reused before the pidfd
+            os.close(fd)
+            return None
+        return cls(pid, fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def alive(self):
+        if self.fd is None:
+            return _alive(self.pid)
+        return not select.select([self.fd], [], [], 0)[0]  # readable once it exits
+
+    def signal(self, signum):
+        if self.fd is None:
+            return _signal(self.pid, signum)
+        try:
+            signal.pidfd_send_signal(self.fd, signum)
+        except ProcessLookupError:
+            pass  # it exited: nothing to signal
+        except PermissionError:
+            raise NotesdError(f"not permitted to signal pid {self.pid}; run as its user "
+                              "or root", exit_code=4) from None
 
 
 def _signal(pid, signum):
@@ -3672,12 +3725,13 @@ def cmd_reload(config, args):
     daemon to report this reload's outcome in /status, or in /health when
     /status refuses the token: a reload that could not apply the file's new
     token leaves the daemon with its old one, which we do not know."""
-    pid = running_pid(config.pidfile)
-    if not pid:
+    daemon = Verified.find(config.pidfile)
+    if not daemon:
         print("notesd is not running", file=sys.stderr)
         return 7
-    sent = time.time()
-    _signal(pid, signal.SIGHUP)
+    pid, sent = daemon.pid, time.time()
+    with daemon:
+        daemon.signal(signal.SIGHUP)
     outcome = {}
 
     def reloaded():
