@@ -107,15 +107,23 @@ ACCEPT_POLL = 0.05
 #: at rest (stdio, pid file, log, the database with its -wal and -shm, the
 #: listening socket, the signal socketpair), a few now and then (a reload's
 #: config file, /proc for /status, a connection being refused), and room to
-#: spare. Never more than half the open-file limit, however low it is.
+#: spare. Never more than half the open-file limit, however low it is; the
+#: connections closed to make room (EVICTING_MAX) come out of the rest.
 FD_RESERVE = 32
 #: seconds a request's head may take before, with every connection slot
 #: taken, its connection may be closed (408) to make room for a new client.
 #: A client on any real network sends a head in a round trip or two; one
 #: that takes a second holds a slot on purpose (slowloris) or cannot keep up.
 SLOW_HEAD = 1.0
-#: seconds the accept thread waits for a connection it closed to make room
-#: to give its slot back, before it refuses the new one after all.
+#: connections closed to make room whose threads may still be finishing
+#: while new ones take their slots. A closed connection's thread needs the
+#: GIL like every other to leave, which under load takes milliseconds: the
+#: accept thread, waiting for each in turn, held a new client behind a flood
+#: of connections for seconds. Bounds the threads at max_connections + 32.
+EVICTING_MAX = 32
+#: seconds the accept thread waits for closed connections to give their
+#: slots back (when EVICTING_MAX are finishing, or file descriptors are
+#: short), before it refuses the new one after all.
 EVICT_WAIT = 0.1
 #: seconds the accept thread pauses when accept() fails for want of file
 #: descriptors (EMFILE): the listening socket stays readable, so retrying at
@@ -1203,10 +1211,14 @@ class ApiServer(http.server.ThreadingHTTPServer):
     from the accept thread, without a thread of its own. Connections past
     their head are never closed for room: their requests are bounded by
     the deadline (_KernelTimedReader) and the main loop's reply timeout.
+    The new connection takes a closed one's slot at once, while its thread
+    finishes: up to EVICTING_MAX of them, within the open-file limit.
 
-    `connections` maps each open connection's socket to its reader; the
-    accept thread adds, the connection's thread removes (shutdown_request),
-    both under `lock`, a Condition the accept thread waits on for a slot.
+    `connections` maps each open connection's socket to its reader, those
+    closed for room (`leaving` of them) until their threads end; the accept
+    thread adds, the connection's thread removes (shutdown_request), both
+    under `lock`, a Condition the accept thread waits on for a slot.
+    `victims` is the accept thread's own (see victim()).
     """
 
     daemon_threads = True  # an idle keep-alive client must not hold up exit
@@ -1228,7 +1240,8 @@ class ApiServer(http.server.ThreadingHTTPServer):
         # Protected mode, as in redis: a public address and no token means we
         # answer only clients on loopback, and tell the others how to fix it.
         self.public = not ipaddress.ip_address(host).is_loopback
-        self.connections = {}
+        self.connections, self.leaving = {}, 0
+        self.victims, self.victims_at = collections.deque(), 0.0
         self.lock = threading.Condition()
         self.fd_room = _connection_room()
         self.refused, self.warned_at = 0, None
@@ -1257,26 +1270,47 @@ class ApiServer(http.server.ThreadingHTTPServer):
     def make_room(self):
         """Accept thread, holding `lock`: True if a new connection may have a
         thread, after closing an idle or slow one at the cap (see the class
-        docstring) and waiting up to EVICT_WAIT for its thread to leave."""
-        if len(self.connections) < self.capacity():
-            return True
-        victim = self.victim()
-        if victim is None:
-            return False
-        victim.evict()
-        return self.lock.wait_for(lambda: len(self.connections) < self.capacity(), EVICT_WAIT)
+        docstring). It waits (EVICT_WAIT at most) only while too many closed
+        ones are still finishing, or the descriptors are short."""
+        if len(self.connections) - self.leaving >= self.capacity():
+            victim = self.victim()
+            if victim is None:
+                return False
+            self.evict(victim)
+        ceiling = min(self.config.max_connections + EVICTING_MAX, self.fd_room)
+        return self.lock.wait_for(lambda: len(self.connections) < ceiling, EVICT_WAIT)
 
     def victim(self):
         """Accept thread, holding `lock`: the connection to close for room,
         or None. Idle ones first, the longest idle first (nginx); then the
-        slowest request head."""
+        slowest request head. In a flood every new connection needs one, and
+        looking through all the connections each time took most of the
+        accept thread's CPU (yappi, 1,100 slow clients): the candidates are
+        sorted once into `victims` and taken from the front, each checked
+        again when its turn comes; sorted again when used up, or after
+        SLOW_HEAD, so that heads grown slow since then join in."""
         now = time.monotonic()
-        candidates = [reader for reader in self.connections.values() if reader.evictable(now)]
-        candidates.sort(key=lambda reader: (reader.phase != IDLE, reader.since))
-        for reader in candidates:
-            if reader.phase == HEAD or reader.nothing_sent():
-                return reader
+        if now - self.victims_at > SLOW_HEAD:
+            self.victims.clear()
+        for fresh in (not self.victims, True):
+            if fresh:
+                self.victims = collections.deque(sorted(
+                    (r for r in self.connections.values() if r.evictable(now)),
+                    key=_eviction_order))
+                self.victims_at = now
+            while self.victims:
+                reader = self.victims.popleft()
+                if self.connections.get(reader.sock) is reader and reader.evictable(now) \
+                        and (reader.phase == HEAD or reader.nothing_sent()):
+                    return reader
+            if fresh:
+                return None
         return None
+
+    def evict(self, reader):
+        """Accept thread, holding `lock`: close a connection for room."""
+        reader.evict()
+        self.leaving += 1
 
     def refuse(self, request, message):
         """Accept thread: 503 and close, at once. The socket is non-blocking,
@@ -1323,7 +1357,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
             with self.lock:
                 victim = self.victim()
                 if victim is not None:
-                    victim.evict()
+                    self.evict(victim)
                 self.lock.wait(ACCEPT_BACKOFF)
             self.warn_refusing(f"accept() failed: {e.strerror}")
             raise
@@ -1331,7 +1365,9 @@ class ApiServer(http.server.ThreadingHTTPServer):
     def shutdown_request(self, request):
         """The connection's thread, as it ends: its slot is free."""
         with self.lock:
-            self.connections.pop(request, None)
+            reader = self.connections.pop(request, None)
+            if reader is not None and reader.evicted:
+                self.leaving -= 1
             self.lock.notify()
         super().shutdown_request(request)
 
@@ -1711,6 +1747,11 @@ def _origin_host(origin):
         return urllib.parse.urlsplit(origin).netloc
     except ValueError:
         return None
+
+
+def _eviction_order(reader):
+    """Idle connections before slow heads, each the oldest first."""
+    return reader.phase != IDLE, reader.since
 
 
 def _connection_room():
