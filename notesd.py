@@ -664,8 +664,10 @@ MIGRATIONS = [
 #: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
 SEARCH_MIN = 3
 #: notes indexed per transaction when the main loop catches up, and seconds
-#: it spends on that at once (while idle: then it looks at the queue again).
-INDEX_CHUNK, INDEX_SLICE = 200, 0.02
+#: it spends on that at once; it does when no command came for INDEX_IDLE
+#: seconds (under load, a slice there would hold every request behind it),
+#: and for half a slice every tick, however busy (1% of the loop).
+INDEX_CHUNK, INDEX_SLICE, INDEX_IDLE = 50, 0.01, 0.005
 
 Row = collections.namedtuple("Row", "id text created updated")
 
@@ -1084,11 +1086,10 @@ class MainLoop:
         next_tick = time.monotonic()
         while not self.stopping:
             wait = max(0.0, next_tick - time.monotonic())
-            if self.store.unindexed and self.commands.empty() and not self.carried and \
-                    not self.storage_problem:  # idle: catch the search index up
-                self._index()
-                wait = 0.0
-            first = self._next(wait)
+            behind = self.store.unindexed and not self.carried and not self.storage_problem
+            first = self._next(min(wait, INDEX_IDLE) if behind else wait)
+            if first is None and behind:  # idle a while: catch the search index up
+                self._index(INDEX_SLICE)
             if first is not None or self.carried:
                 self.execute(self._batch(first))
             now = time.monotonic()
@@ -1129,15 +1130,15 @@ class MainLoop:
         Your own daemon's periodic work goes here; keep each run short."""
         self._check_storage()
         if self.store.unindexed and not self.storage_problem:
-            self._index()  # a little on every tick, however busy the loop is
+            self._index(INDEX_SLICE / 2)  # a little on every tick, however busy
         self.lag, self._lag_window = max(self._lag_window, late), 0.0
         self._count_responses()
         if self.systemd.watchdog:  # proof of life: only a turning main loop sends it
             self.systemd.notify("WATCHDOG=1")
 
-    def _index(self):
+    def _index(self, seconds):
         try:
-            self.store.index_some(INDEX_SLICE)
+            self.store.index_some(seconds)
         except sqlite3.Error as e:
             self._storage_failed(f"storage error while indexing: {e}")
 
