@@ -2898,19 +2898,23 @@ def trusted_ids(account=None):
     return uids, gids
 
 
-def check_directory(path, trusted, file_stat=None):
+def check_directory(path, trusted, file_stat=None, root_groups=False):
     """Refuse to keep a file root writes in a directory that somebody else
     may write: he could swap the file for his own between two runs.
     `trusted` is trusted_ids(): the directory's owner must be one of its
     uids, and group and others may not write it, unless the group is
     trusted, or the directory is sticky (/tmp) and `file_stat`, the file we
     opened, is trusted too: nobody else may then rename or remove it. So
-    systemd treats a PIDFile= in a directory an unprivileged user can write."""
+    systemd treats a PIDFile= in a directory an unprivileged user can write.
+    `root_groups`: a directory of root's that its group may write is fine (the
+    administrator gave that group, often a system one, write access: Debian
+    and Ubuntu's /var/log is root:syslog 0775); for logs and ancestors only."""
     directory = os.path.dirname(path) or "."
     st = os.stat(directory)
     uids, gids = trusted
     others = (st.st_mode & stat.S_IWOTH or
-              (st.st_mode & stat.S_IWGRP and st.st_gid not in gids))
+              (st.st_mode & stat.S_IWGRP and st.st_gid not in gids and
+               not (root_groups and st.st_uid == 0)))
     kept = (st.st_mode & stat.S_ISVTX and file_stat is not None and
             file_stat.st_uid in uids)
     if st.st_uid not in uids or (others and not kept):
@@ -2929,14 +2933,24 @@ def check_ancestors(directory):
     every directory from / down to `directory`'s parent, writable by no one
     else, or sticky with the component below ours (check_directory). Only
     root and us: not even the daemon's user, who owns state_dir itself."""
-    path = os.path.abspath(directory)
-    while path != "/":
-        try:
-            below = os.lstat(path)
-        except FileNotFoundError:
-            below = None  # to be created, by us
-        check_directory(path, trusted_ids(), below)
-        path = os.path.dirname(path)
+    _check_route(os.path.abspath(directory), set())
+
+
+def _check_route(path, seen):
+    """check_ancestors() for `path` as written, and for the target of every
+    symbolic link on the way: a later open walks through all of them."""
+    while path != "/" and path not in seen:
+        seen.add(path)
+        parent = os.path.dirname(path)
+        if os.path.isdir(parent):  # else both are still to be made, by us
+            try:
+                below = os.lstat(path)
+            except FileNotFoundError:
+                below = None
+            check_directory(path, trusted_ids(), below, root_groups=True)
+            if below is not None and stat.S_ISLNK(below.st_mode):
+                _check_route(os.path.normpath(os.path.join(parent, os.readlink(path))), seen)
+        path = parent
 
 
 def jailed(path, root):
@@ -3119,7 +3133,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     def _open(self):
         fd = open_safely(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:  # root appends to it and hands it over: it must be ours (check_directory)
-            check_directory(self.baseFilename, self.trusted, os.fstat(fd))
+            check_directory(self.baseFilename, self.trusted, os.fstat(fd), root_groups=True)
             check_ancestors(os.path.dirname(self.baseFilename))
         except BaseException:
             os.close(fd)
@@ -3792,7 +3806,13 @@ def _make_state_dir(config, account):
         /var/lib to the user."""
     path = os.path.normpath(config.state_dir)
     check_ancestors(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Parents it makes must let the daemon's user through (0755, like
+    # install -d), whatever the umask; state_dir itself is 0700.
+    mask = os.umask(0o022)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    finally:
+        os.umask(mask)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     if account is None:
