@@ -265,6 +265,21 @@ def request(base, method, path, body=None, headers=None, timeout=HTTP_TIMEOUT):
         conn.close()
 
 
+def half_closed_exchange(port, data, timeout=5.0):
+    """Send raw bytes, close our side (FIN), and return every byte the
+    server sends until it closes: what a client cut off mid-request sees."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def raw_exchange(port, data, timeout=5.0, host="127.0.0.1"):
     """Send raw bytes, read until the server closes (or timeout); return (status, headers, body).
 
@@ -2066,15 +2081,8 @@ def test_header_section_cut_by_fin_is_never_executed(shared, cut):
     """A DELETE whose connection closes before its header section ends (here
     before or inside its If-Match) must not run as if it had no If-Match."""
     note = shared.note(unique("fin"))
-    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
-        s.sendall(b"DELETE /%d/ HTTP/1.1\r\nHost: x\r\n" % note["id"] + cut)
-        s.shutdown(socket.SHUT_WR)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+    reply = half_closed_exchange(shared.port,
+                                 b"DELETE /%d/ HTTP/1.1\r\nHost: x\r\n" % note["id"] + cut)
     assert not reply.startswith(b"HTTP/1.1 204"), reply
     assert shared.get("/%d/" % note["id"]).status == 200, "an incomplete DELETE ran"
 
@@ -4090,15 +4098,8 @@ def test_streaming_clients_with_curl(shared, how):
 def test_body_cut_short_is_never_executed(shared, cut):
     """Issue 9 item 1's rule for bodies: a body shorter than its framing says
     (the client closed its side) never runs, whatever the framing."""
-    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
-        s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + cut)
-        s.shutdown(socket.SHUT_WR)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+    reply = half_closed_exchange(
+        shared.port, b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + cut)
     assert not reply.startswith(b"HTTP/1.1 2"), reply
     assert _absent(shared, "malformed-chunks")
 
