@@ -706,6 +706,24 @@ def git_head(script):
         return None
 
 
+def preflight(prog, notesd):
+    """Before a benchmark: the absolute path of the notesd.py to run, or None
+    after saying why not (no such file, no wrk); from now on SIGTERM ends
+    the run as ^C does, so its cleanup stops every process it started."""
+    notesd_script = os.path.abspath(notesd)
+    if not os.path.exists(notesd_script):
+        print("%s: %s does not exist" % (prog, notesd_script), file=sys.stderr)
+        return None
+    if not shutil.which("wrk"):
+        print("%s: wrk not found on PATH" % prog, file=sys.stderr)
+        return None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, on_term)
+    return notesd_script
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark notesd against bench/bare.py.")
     ap.add_argument("--quick", action="store_true", help="short smoke run (well under a minute)")
@@ -719,17 +737,9 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.duration:
         cfg["duration"] = args.duration
-    notesd_script = os.path.abspath(args.notesd)
-    if not os.path.exists(notesd_script):
-        print("run.py: %s does not exist" % notesd_script, file=sys.stderr)
+    notesd_script = preflight("run.py", args.notesd)
+    if notesd_script is None:
         return 2
-    if not shutil.which("wrk"):
-        print("run.py: wrk not found on PATH", file=sys.stderr)
-        return 2
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-    signal.signal(signal.SIGTERM, on_term)
 
     res = Results()
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,

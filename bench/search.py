@@ -876,17 +876,9 @@ def main(argv=None):
         cfg["notes"] = args.notes
     if args.big is not None:
         cfg["big"] = args.big
-    notesd_script = os.path.abspath(args.notesd)
-    if not os.path.exists(notesd_script):
-        print("search.py: %s does not exist" % notesd_script, file=sys.stderr)
+    notesd_script = rb.preflight("search.py", args.notesd)
+    if notesd_script is None:
         return 2
-    if not shutil.which("wrk"):
-        print("search.py: wrk not found on PATH", file=sys.stderr)
-        return 2
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-    signal.signal(signal.SIGTERM, on_term)
     out = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
                     "config": cfg, "notesd_script": notesd_script,
                     "git_head": rb.git_head(notesd_script), "python": platform.python_version(),
