@@ -37,6 +37,7 @@ Sections:
 __version__ = "1.0.0"
 
 import argparse
+import base64
 import codecs
 import collections
 import configparser
@@ -1611,6 +1612,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                             or "transfer-encoding" in self.headers)
         try:
             path, _, query = self.path.partition("?")
+            path = _decode_unreserved(path)
             self.authorize(config, path)
             handler, args = self.route(path)
             status, payload, headers = handler(*args, query)
@@ -1630,6 +1632,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.respond(status, payload, headers)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+    # The other methods of RFC 9110 (9.3.6, 9.3.8) are known, but no resource
+    # takes them: 405 with Allow, as route() answers any method a resource
+    # does not take; BaseHTTPRequestHandler would say 501, without Allow.
+    # A method nobody defines still gets 501 (RFC 9110 15.6.2).
+    do_TRACE = do_CONNECT = dispatch
 
     def route(self, path):
         for pattern, methods, allow in ROUTE_TABLE:
@@ -1679,6 +1686,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         limit = _int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         after = _int_param(params, "after", 0, 0, SQLITE_MAX_INT)
         text = params.get("q") or None
+        if text and CONTROL_RE.search(text):
+            # No note holds one, and FTS5 reads a NUL as the end of its query
+            # ("unterminated string"): a storage error, not the client's.
+            raise _http_error(400, "'q' holds a control character; notes hold none but "
+                              "tab, LF and CR")
         rows = self.server.loop.submit("list", after, limit + 1, text)
         base, headers = self.base_url(), []
         notes, parts, size = [], [], 2
@@ -2016,12 +2028,39 @@ def _is_loopback(address):
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
+#: RFC 3986 2.3: the characters a URI means the same by, percent-encoded or not.
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(path):
+    """`path` with its percent-encoded unreserved characters decoded (RFC 3986
+    6.2.2.2), so /%31/ routes as /1/, as the seed's Werkzeug routes it. Any
+    other escape stays as it is: %2F is no path separator, %3F no query."""
+    if "%" not in path:
+        return path
+    def decode(match):
+        char = chr(int(match.group(1), 16))
+        return char if char in UNRESERVED else match.group()
+    return PERCENT_RE.sub(decode, path)
+
+
+def _first_values(pairs):
+    """{name: value} of (name, value) pairs, a repeated name keeping its first
+    value: what Werkzeug's MultiDict.get gives, so a form the seed's Flask-API
+    app stored "first" from (text=first&text=second) stores "first" here."""
+    fields = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    return fields
+
+
 def _query(query):
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
     except (ValueError, UnicodeDecodeError) as e:
         raise _http_error(400, f"bad query string: {e}") from None
-    return dict(pairs)
+    return _first_values(pairs)
 
 
 def _int_param(params, name, default, low, high):
@@ -2062,8 +2101,8 @@ def _parse_json_object(body, what="the body"):
 
 
 def _form_fields(body, content_type):
-    return dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                       errors="strict"))
+    return _first_values(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                                errors="strict"))
 
 
 def _multipart_fields(body, content_type):
@@ -2077,7 +2116,8 @@ def _multipart_fields(body, content_type):
         name = part.get_param("name", header="content-disposition")
         if name and part.get_filename() is None:
             payload = part.get_payload(decode=True) or b""
-            fields[name] = payload.decode(part.get_content_charset("utf-8"))
+            # the first of a repeated field, as _first_values keeps it
+            fields.setdefault(name, payload.decode(part.get_content_charset("utf-8")))
     return fields
 
 
