@@ -340,7 +340,8 @@ DEFAULTS = {
                     "and to this group (default: the user's)"),
     "chroot": Option("", _parse_path, False, "chroot into this directory after opening files"),
     "token": Option("", _parse_token, True,
-                    "if set, every request but /health needs 'Authorization: Bearer TOKEN'"),
+                    "if set, every request but /health needs 'Authorization: Bearer TOKEN' "
+                    "(a browser signs in with any user name and TOKEN as password)"),
     "allowed_hosts": Option("", _parse_hosts, True,
                             "names clients may call notesd by (Host) and origins that may "
                             "write: HOST or HOST:PORT, comma- or space-separated, * for any "
@@ -2416,7 +2417,7 @@ PAGE = string.Template("""<!doctype html>
 <h1><a href="/">notesd</a> $version</h1>
 <nav><a href="/">notes</a><a href="/status">status</a><a href="/health">health</a><a
 href="/config">config</a><a href="/openapi.json">openapi.json</a></nav>
-$notice$before<p class="req">$method $target &middot; <a href="$raw">raw JSON</a></p>
+$notice$before<p class="req">$method $target$raw</p>
 <pre class="s$cls">HTTP/1.1 $status $phrase
 $headers</pre>
 $pager$body$pager$after<script>$script</script></body></html>
@@ -2467,6 +2468,8 @@ def render_page(handler, status, payload, headers):
     shown = [("Server", handler.server_version), ("Date", http_date()),
              ("Content-Type", JSON_TYPE), *headers]
     pages = getattr(payload, "pages", None)
+    raw = handler.command in ("GET", "HEAD") and (  # the JSON itself, in the browser
+        f"{path}?{query}&format=json" if query else f"{path}?format=json")
     pager = "".join(f'<a rel="{rel}" href="{html.escape(pages[rel])}">{label}</a>\n'
                     for rel, label in (("prev", "&larr; previous"), ("next", "next &rarr;"))
                     if pages and rel in pages)
@@ -2474,7 +2477,7 @@ def render_page(handler, status, payload, headers):
         version=__version__, method=html.escape(handler.command), path=html.escape(path),
         target=html.escape(handler.path), status=status, phrase=_phrase(status),
         cls=status // 100, headers=html.escape("\n".join(f"{k}: {v}" for k, v in shown)),
-        raw=html.escape(f"{path}?{query}&format=json" if query else f"{path}?format=json"),
+        raw=f' &middot; <a href="{html.escape(raw)}">raw JSON</a>' if raw else "",
         notice=f'<p class="notice" role="status">{done}</p>\n' if done else "",
         before=forms if path == "/" else "", after="" if path == "/" else forms,
         pager=f'<nav class="pager">\n{pager}</nav>\n' if pager else "", body=body,
