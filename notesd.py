@@ -25,7 +25,9 @@ Commands and exit codes (LSB init-script conventions):
     run         the daemon in the foreground (systemd, containers, debugging)
     check       health check for cron (Nagios plugin API): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
     configtest  validate the configuration and print it: 0 valid, 6 invalid
-Exit code 2 is a usage error; 4 from stop or reload, not permitted to signal.
+    backup DEST a consistent copy of the database to DEST (--force replaces it): 0 written, 1 failed
+Exit code 2 is a usage error (also a DEST given to any command but backup); 4 from stop or
+reload, not permitted to signal.
 The CLI signals only the notesd that owns the pid file (running_pid).
 
 Sections:
@@ -38,12 +40,14 @@ __version__ = "1.0.0"
 
 import argparse
 import base64
+import binascii
 import codecs
 import collections
 import configparser
 import contextlib
 import datetime
 import email.errors
+import email.message
 import email.parser
 import email.utils
 import errno
@@ -350,6 +354,9 @@ DEFAULTS = {
                             "else *"),
     "max_body": Option("1048576", _parse_positive(int, 0, 2**31), True,
                        "largest request body in bytes (413 above)"),
+    "max_body_total": Option("16777216", _parse_positive(int, 0, 2**40), True,
+                             "bytes of request bodies held at once, all connections "
+                             "together (503 with Retry-After above)"),
     "timeout": Option("10", _parse_positive(float, 0.01, 3600.0), True,
                       "seconds a connection may idle or stall; also how long stop, reload "
                       "and check wait"),
@@ -583,7 +590,11 @@ def _derive_paths(values):
     root = values["_root"]
     if not values["state_dir"]:
         # The passwd entry's home, not $HOME: cron may run us with HOME=/.
-        home = pwd.getpwuid(os.geteuid()).pw_dir
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:  # a uid with no entry (containers): say so, no traceback
+            raise ConfigError(f"uid {os.geteuid()} has no passwd entry, so state_dir and "
+                              "pidfile have no default; set them") from None
         values["state_dir"] = ("/var/lib/notesd" if root else
                                os.path.join(home, ".local/state/notesd"))
     state = values["state_dir"]
@@ -725,6 +736,29 @@ def utc_now():
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def damage(db):
+    """What PRAGMA quick_check finds wrong with the database open as `db`,
+    one line a problem (at most three); [] when it passes. Any thread that
+    may use `db`.
+
+    quick_check reads every page and checks SQLite's structure (b-tree
+    pages, cells, free list), skipping the cross-checks of indexes against
+    tables that integrity_check adds. It cannot see a changed byte inside a
+    note's text: SQLite keeps no checksums. A file too damaged to be checked
+    at all raises SQLITE_CORRUPT or SQLITE_NOTADB, which CPython turns into
+    sqlite3.DatabaseError itself (Modules/_sqlite/util.c); that is damage
+    too. OperationalError (locked, I/O error, cannot open) is not, and
+    propagates."""
+    try:
+        rows = db.execute("PRAGMA quick_check(3)").fetchall()
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as e:
+        rows = [(str(e),)]
+    problems = [" ".join(str(row[0]).split()) for row in rows]  # one line: the readiness pipe
+    return [] if problems == ["ok"] else problems
+
+
 def etag(row):
     """Strong entity tag of a note (RFC 9110 8.8.3): changes with every write."""
     digest = hashlib.blake2b(f"{row.id}\0{row.updated}\0{row.text}".encode(), digest_size=8)
@@ -737,12 +771,27 @@ class Store:
     sqlite3's check_same_thread (on by default) enforces that. WAL with
     synchronous=FULL makes every COMMIT durable before the main loop replies;
     the caller groups writes with begin()/commit() (group commit).
+
+    A database that fails PRAGMA quick_check is refused before anything
+    else touches it: serving from it would answer from broken pages, and a
+    write could spread the damage. The check reads the whole file: 0.2 s
+    for 1M notes (158 MB) in the page cache, against `start`'s budget of
+    1 s with 1M notes. So it runs at every start, not only after an unclean
+    stop: a restored file, or a disk that went bad while notesd was
+    stopped, is what it is for.
     """
 
     def __init__(self, path):
         self.path = path
         try:
             self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            problems = damage(self.db)
+            if problems:
+                self.db.close()
+                raise NotesdError(
+                    f"database {path} is damaged; PRAGMA quick_check says: "
+                    f"{'; '.join(problems)}. notesd will not serve from it: restore the "
+                    "latest backup as README.md says (Backups, Restore)")
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
@@ -846,17 +895,11 @@ class Store:
 
     def rescue(self):
         """Copy the database as this connection still sees it to a new file
-        beside its path, mode 0600: removed files stay readable through the
-        descriptors sqlite holds, and the online backup API reads through
-        them. Returns the copy's path."""
+        beside its path, as `backup` does (backup_database): removed files
+        stay readable through the descriptors sqlite holds, and the online
+        backup API reads through them. Returns the copy's path."""
         copy = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(copy, flags, 0o600))
-        target = sqlite3.connect(copy)
-        try:
-            self.db.backup(target)
-        finally:
-            target.close()
+        backup_database(self.db, copy)
         return copy
 
     def vanished(self):
@@ -1186,7 +1229,7 @@ class MainLoop:
         """What the daemon still holds, saved before a stop loses it."""
         try:
             return f"every note it held was saved to {self.store.rescue()}"
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, NotesdError) as e:
             return f"could not save the notes it held: {e}"
 
     def _storage_failed(self, message):
@@ -1571,9 +1614,38 @@ DONE = {"POST": "created", "PUT": "saved", "DELETE": "deleted", "PATCH": "change
 HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 #: The largest id SQLite can store; a larger one names no note.
 SQLITE_MAX_INT = 2**63 - 1
-#: The limits http.client puts on a header block: longer lines get 431, and
-#: so do more fields.
-MAX_HEADER_LINE, MAX_HEADERS = 65536, 100
+#: The most fields in a header section, as http.client allows; 431 above.
+MAX_HEADERS = 100
+#: bytes of the request line and header section together, line ends
+#: included: nginx's default (large_client_header_buffers, 4 x 8 KiB).
+#: Without it a stalled client held 100 lines of 64 KiB. 431 above it, 414
+#: for a request line that alone is longer; also bounds a chunked trailer.
+MAX_HEADER_SECTION = 32 * 1024
+#: A token (RFC 9110 5.6.2): a method, a field name, a chunk extension's name.
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: A request line (RFC 9112 3): single spaces between its three parts, and
+#: no control character anywhere. str.split() also took VT, FF, NBSP and
+#: runs of spaces for separators, where a proxy in front may not.
+REQUEST_LINE = re.compile(rb"(%s) ([^\x00-\x20\x7f]+) ([^\x00-\x20\x7f]+)" % TOKEN)
+#: A field line (RFC 9112 5): no whitespace in or around the name, which also
+#: refuses obsolete line folding (5.2); no control character but HTAB in the
+#: value (RFC 9110 5.5): a bare CR or a NUL is where parsers disagree.
+FIELD_LINE = re.compile(rb"(%s):([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n" % TOKEN)
+#: A chunk-size line (RFC 9112 7.1, 7.1.1): at most 16 hex digits (a 64-bit
+#: size; longer is an overflow, not a size), extensions of a token and an
+#: optional token or quoted-string value, CRLF. No leading or trailing
+#: blanks, no bare LF: chunk framing is where smuggling parsers differ.
+CHUNK_LINE = re.compile(
+    rb'([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|"(?:[\t !#-\[\]-~\x80-\xff]'
+    rb'|\\[\t -~\x80-\xff])*"))?)*)\r\n' % (TOKEN, TOKEN))
+#: The longest chunk-size line read; its extensions count towards max_body.
+MAX_CHUNK_LINE = 4096
+#: body_framing()'s answer for a chunked body (RFC 9112 7.1).
+CHUNKED = "chunked"
+#: The most fields a form body (urlencoded or multipart) may hold; notesd's
+#: forms have one. A 1 MiB body of 'a&a&...' made half a million pairs, and
+#: of tiny parts seconds of CPU: Werkzeug's max_form_parts (CVE-2023-25577).
+MAX_FORM_FIELDS = 100
 #: A number as HTTP and our query strings write it: ASCII digits only
 #: (str.isdigit() also takes '²', which int() refuses).
 DIGITS = re.compile(r"[0-9]+")
@@ -1603,31 +1675,130 @@ def client_number(text):
 VERSION_RE = re.compile(r"HTTP/1\.(\d)")
 
 
-def read_headers(rfile):
-    """The header section of a request (RFC 9112 5), read up to its empty line,
-    as {lower-case name: value}; a repeated field's values are joined with ', '
-    (RFC 9110 5.3). A small parser in place of http.client.parse_headers,
-    whose trip through the email package was half of a GET's CPU in the
-    handler thread (yappi). Look fields up by their lower-case names."""
+def read_headers(rfile, budget=MAX_HEADER_SECTION, what="header section"):
+    """The header section of a request (RFC 9112 5), or a chunked body's
+    trailer section (7.1.2), read up to its empty line, in at most `budget`
+    bytes, as {lower-case name: value}; a repeated field's values are joined
+    with ', ' (RFC 9110 5.3). A small parser in place of
+    http.client.parse_headers, whose trip through the email package was half
+    of a GET's CPU in the handler thread (yappi). Look fields up by their
+    lower-case names."""
     headers = {}
     for _ in range(MAX_HEADERS + 1):
-        line = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise _http_error(431, "header line too long")
+        line = rfile.readline(budget + 1)
+        budget -= len(line)
+        if budget < 0:
+            raise _http_error(431, f"the {what} is over its limit of {MAX_HEADER_SECTION} "
+                              "bytes (a header section's includes the request line)")
         if line in (b"\r\n", b"\n"):
             return headers
         if not line.endswith(b"\n"):
             # End of stream before the empty line: the request is incomplete
             # (an If-Match may be what is missing), so it never runs.
-            raise ConnectionAbortedError("the client closed the connection mid-header")
-        name, colon, value = line.decode("latin-1").partition(":")
-        # No whitespace in or around a field name (RFC 9112 5.1), which also
-        # refuses obsolete line folding (5.2).
-        if not colon or not name or name != name.strip() or " " in name:
-            raise _http_error(400, f"malformed header line {line[:80]!r}")
-        name, value = name.lower(), value.strip()
+            raise ConnectionAbortedError(f"the client closed the connection mid-{what}")
+        match = FIELD_LINE.fullmatch(line)
+        if not match:
+            raise _http_error(400, f"malformed line in the {what}: {line[:80]!r}")
+        name, value = match.group(1).decode("ascii").lower(), match.group(2).strip(b" \t")
+        value = value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    raise _http_error(431, f"more than {MAX_HEADERS} header fields")
+    raise _http_error(431, f"more than {MAX_HEADERS} fields in the {what}")
+
+
+def body_framing(headers, version):
+    """How a request's body is delimited (RFC 9112 6.3): None if it has no
+    body, its Content-Length, or CHUNKED. Anything two parsers could frame
+    differently is refused (400, or 501 for a coding notesd does not know;
+    the connection then closes), so that a proxy in front and notesd never
+    disagree on where the next request starts: request smuggling (11.2)."""
+    codings, length = headers.get("transfer-encoding"), headers.get("content-length")
+    if codings is not None:
+        # 6.1: a server MAY refuse both together, and then MUST close;
+        # identity included (it was dropped from the registry anyway).
+        if length is not None:
+            raise _http_error(400, "Transfer-Encoding and Content-Length together")
+        # 6.1: HTTP/1.0 has no Transfer-Encoding: its framing is faulty.
+        if version == "HTTP/1.0":
+            raise _http_error(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in codings.split(",") if c.strip()]
+        # 6.3: unless chunked is the final coding the length is unknown: 400.
+        # 6.1: chunked is never applied twice.
+        if not codings or codings[-1] != CHUNKED or codings.count(CHUNKED) > 1:
+            raise _http_error(400, f"bad Transfer-Encoding {headers['transfer-encoding'][:80]!r}"
+                              "; only 'chunked' is supported")
+        if len(codings) > 1:  # 6.1: a coding we do not understand is 501
+            raise _http_error(501, f"transfer coding {codings[0][:40]!r} is not supported; "
+                              "send chunked alone")
+        return CHUNKED
+    if length is None:
+        return None
+    number = client_number(length)  # repeated fields arrive joined: '5, 6' is no number
+    if number is None:
+        raise _http_error(400, f"bad Content-Length {length[:40]!r}: one number expected")
+    return number
+
+
+def read_chunked(rfile, limit):
+    """A chunked body (RFC 9112 7.1) as a bytearray, of at most `limit`
+    bytes: data and chunk extensions (which are ignored) count, so that
+    neither can be used to send more. A chunk that would pass the limit is
+    refused from its size line (413), before its data is read; malformed
+    framing is 400; trailer fields are read as a header section and ignored
+    (7.1.2). End of stream anywhere raises ConnectionAbortedError: a body
+    cut short never runs. Each read has the connection's `timeout`; a
+    deadline for the whole request would go in _KernelTimedReader.readinto,
+    where every read of the request passes."""
+    body = bytearray()
+    while True:
+        line = rfile.readline(MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n") and len(line) <= MAX_CHUNK_LINE:
+            raise ConnectionAbortedError("the client closed the connection mid-body")
+        match = CHUNK_LINE.fullmatch(line)
+        if not match:
+            raise _http_error(400, f"malformed chunk-size line {line[:40]!r}")
+        size = int(match.group(1), 16)
+        if len(body) + size + len(match.group(2)) > limit:
+            raise _http_error(413, f"the chunked body is over the limit of {limit} bytes")
+        limit -= len(match.group(2))
+        if size == 0:
+            read_headers(rfile, what="trailer section")
+            return body
+        data = rfile.read(size)
+        end = rfile.read(2)
+        if len(data) < size or len(end) < 2:
+            raise ConnectionAbortedError("the client closed the connection mid-body")
+        if end != b"\r\n":
+            raise _http_error(400, "chunk data longer than its size, or not ended by CRLF")
+        body += data
+
+
+class BodyBudget:
+    """The bytes of request bodies held at once, all connections together,
+    bounded by the live key max_body_total: without it, 400 clients posting
+    1 MiB multipart bodies at once took 3.5 GB (VmHWM). A request reserves its body's
+    bytes before reading it (all of max_body for a chunked body, whose length
+    is unknown) and is answered 503 if they do not fit; the handler gives
+    them back when the request ends, however it ends.
+
+    Any HTTP thread. A lock, where the main loop's state has none: this is
+    the connections' own accounting, and the lock is held for an addition."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = 0
+
+    def reserve(self, size, bound):
+        """Take `size` bytes if they fit under `bound`; a body is always let
+        in when no other is held, so a max_body above the bound still works."""
+        with self.lock:
+            if self.held and self.held + size > bound:
+                return False
+            self.held += size
+            return True
+
+    def release(self, size):
+        with self.lock:
+            self.held -= size
 
 
 class _KernelTimedReader(io.RawIOBase):
@@ -1663,6 +1834,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         host, port, self.address_family = config.address
         self.config = config
         self.loop = None
+        self.bodies = BodyBudget()
         try:
             super().__init__((host, port), ApiHandler)
         except OSError as e:
@@ -1714,13 +1886,23 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = io.BufferedReader(_KernelTimedReader(self.connection))
 
+    def handle_one_request(self):
+        """BaseHTTPRequestHandler's, giving back the bytes its body reserved
+        (reserve_body) whatever happens: a reply, an error, a vanished client.
+        Only once the reply is written: a note's text is in it too."""
+        self.body_framing, self.reserved = None, 0
+        try:
+            super().handle_one_request()
+        finally:
+            if self.reserved:
+                self.server.bodies.release(self.reserved)
+
     def dispatch(self):
         config = self.server.config
         # A body that no handler reads must not be taken for the next request
         # on this connection (request smuggling): read_body() clears this, and
         # respond() closes the connection if it is still set.
-        self.body_unread = (self.headers.get("content-length", "0").strip() not in ("", "0")
-                            or "transfer-encoding" in self.headers)
+        self.body_unread = self.body_framing not in (None, 0)
         self.fields = self.method = None  # read_fields(), route()
         try:
             path, _, query = self.path.partition("?")
@@ -1939,28 +2121,35 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     # -- request bodies ----------------------------------------------------
 
-    def body_length(self):
-        """The body's length from the headers, or the error that refuses it
-        without reading it (the connection then closes: the body is unread)."""
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            raise _http_error(411, "chunked bodies are not supported; send Content-Length")
-        length = self.headers.get("content-length")
-        if length is None:
-            raise _http_error(411, "a request body needs a Content-Length header")
-        length, limit = client_number(length.strip()), self.server.config.max_body
-        if length is None:
-            raise _http_error(400, f"bad Content-Length: {self.headers['content-length'][:40]!r}")
-        if length > limit:
-            shown = "more than 2**63" if length == NUMBER_CAP else length
-            raise _http_error(413, f"the body is {shown} bytes; the limit is {limit}")
-        return length
+    def reserve_body(self):
+        """The body's framing (a length or CHUNKED) once its bytes are reserved
+        in the server's BodyBudget, or the error that refuses it from the
+        headers alone, without reading it: 411, 413, 503 (the connection then
+        closes: the body is unread). handle_one_request() releases them."""
+        framing, config = self.body_framing, self.server.config
+        if framing is None:
+            raise _http_error(411, "a request body needs a Content-Length header or "
+                              "Transfer-Encoding: chunked")
+        if framing != CHUNKED and framing > config.max_body:
+            shown = "more than 2**63" if framing == NUMBER_CAP else framing
+            raise _http_error(413, f"the body is {shown} bytes; the limit is {config.max_body}")
+        if not self.reserved:
+            size = config.max_body if framing == CHUNKED else framing
+            if not self.server.bodies.reserve(size, config.max_body_total):
+                raise _http_error(503, "too many request bodies in flight; try again",
+                                  ("Retry-After", "1"))
+            self.reserved = size
+        return framing
 
     def read_body(self):
-        """The body, refused from the headers alone when it cannot be taken."""
-        length = self.body_length()
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise ConnectionAbortedError("the client closed the connection mid-body")
+        """The body, whatever its framing: the one way every handler reads one."""
+        framing = self.reserve_body()
+        if framing == CHUNKED:
+            body = read_chunked(self.rfile, self.server.config.max_body)
+        else:
+            body = self.rfile.read(framing)
+            if len(body) < framing:
+                raise ConnectionAbortedError("the client closed the connection mid-body")
         self.body_unread = False
         return body
 
@@ -2036,12 +2225,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         for the header section. Sets command, path, request_version, headers and
         close_connection; answers a bad request itself and returns False."""
         self.command, self.request_version, self.close_connection = None, "HTTP/0.9", True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3:
-            self.send_error(400, f"Bad request syntax ({self.requestline!r})")
+        line = self.raw_requestline
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith(b"\n") else line
+        self.requestline = str(line, "iso-8859-1")
+        if len(self.raw_requestline) > MAX_HEADER_SECTION:
+            self.send_error(414, f"the request line is over {MAX_HEADER_SECTION} bytes")
             return False
-        command, path, version = words
+        words = REQUEST_LINE.fullmatch(line)
+        if not words:
+            self.send_error(400, f"Bad request syntax ({self.requestline[:200]!r})")
+            return False
+        command, path, version = (word.decode("iso-8859-1") for word in words.groups())
         match = VERSION_RE.fullmatch(version)
         if not match:
             self.send_error(505 if version.startswith("HTTP/") else 400,
@@ -2050,7 +2244,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         # '//x' would read as a host in a URL built from the path (gh-87389).
         self.command, self.path, self.request_version = command, "/" + path.lstrip("/"), version
         try:
-            self.headers = read_headers(self.rfile)
+            self.headers = read_headers(self.rfile,
+                                        MAX_HEADER_SECTION - len(self.raw_requestline))
+            self.body_framing = body_framing(self.headers, version)
         except NotesdError as e:
             self.send_error(e.status, str(e))
             return False
@@ -2065,10 +2261,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_expect_100(self):
-        # RFC 9110 10.1.1: refuse a body we would refuse anyway before the
-        # client sends it, rather than invite it with 100 Continue.
+        # RFC 9110 10.1.1: a request whose framing says it has no content is
+        # simply served, with no 100; refuse a body we would refuse anyway
+        # before the client sends it, rather than invite it with 100 Continue.
+        if not self.body_framing:
+            return True
         try:
-            self.body_length()
+            self.reserve_body()
         except NotesdError as e:
             self.close_connection = True
             self.respond(e.status, {"message": str(e)}, e.headers)
@@ -2311,23 +2510,54 @@ def _parse_json_object(body, what="the body"):
 
 def _form_fields(body, content_type):
     return _first_values(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                                errors="strict"))
+                                                errors="strict", max_num_fields=MAX_FORM_FIELDS))
 
 
 def _multipart_fields(body, content_type):
-    # The cgi module is gone in Python 3.13; the email package parses MIME.
-    message = email.parser.BytesParser().parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
+    """The fields of a multipart/form-data body (RFC 7578; RFC 2046 5.1.1),
+    files left out. Parsed in place: each part is found with find() and
+    decoded straight from a memoryview, so only the fields' text is copied.
+    The email package (the cgi module is gone in 3.13) copied a 1 MiB body
+    about ten times over: 10 MiB of peak memory per request (tracemalloc)."""
+    header = email.message.Message()
+    header["content-type"] = content_type
+    boundary = header.get_boundary()
+    if not boundary or len(boundary) > 70:
         raise ValueError("not a multipart body (missing boundary?)")
-    fields = {}
-    for part in message.get_payload():
-        name = part.get_param("name", header="content-disposition")
-        if name and part.get_filename() is None:
-            payload = part.get_payload(decode=True) or b""
-            # the first of a repeated field, as _first_values keeps it
-            fields.setdefault(name, payload.decode(part.get_content_charset("utf-8")))
-    return fields
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    view, fields = memoryview(body), {}
+    # The first boundary opens the body, or ends a preamble.
+    pos = 0 if body.startswith(delimiter[2:]) else body.find(delimiter) + 2
+    if pos == 1:
+        raise ValueError("no boundary in the body")
+    pos += len(delimiter) - 2
+    for _ in range(MAX_FORM_FIELDS + 1):
+        if body.startswith(b"--", pos):  # the closing boundary
+            return fields
+        line_end = body.find(b"\r\n", pos)
+        if line_end < 0 or body[pos:line_end].strip(b" \t"):
+            raise ValueError("malformed boundary line")
+        part_end = body.find(delimiter, line_end)
+        blank = body.find(b"\r\n\r\n", line_end, part_end + 2)
+        if part_end < 0 or blank < 0:
+            raise ValueError("a part is not closed by a boundary, or has no empty line")
+        _multipart_field(fields, body[line_end + 2:blank], view[blank + 4:part_end])
+        pos = part_end + len(delimiter)
+    raise ValueError(f"more than {MAX_FORM_FIELDS} parts")
+
+
+def _multipart_field(fields, head, content):
+    """Add one part's field to `fields`, unless it is a file."""
+    part = email.parser.BytesHeaderParser().parsebytes(bytes(head))
+    name = part.get_param("name", header="content-disposition")
+    if name and part.get_filename() is None:
+        encoding = part.get("content-transfer-encoding", "").strip().lower()
+        if encoding == "base64":  # RFC 7578 4.7 forbids these; senders that did
+            content = binascii.a2b_base64(content)
+        elif encoding == "quoted-printable":
+            content = binascii.a2b_qp(content)
+        # the first of a repeated field, as _first_values keeps it
+        fields.setdefault(name, str(content, part.get_content_charset("utf-8")))
 
 
 def _json_fields(body, content_type):
@@ -2778,6 +3008,24 @@ def check_directory(path, trusted, file_stat=None):
             f"file; use a directory that only {who} can write")
 
 
+def check_ancestors(directory):
+    """Refuse a path under a directory that someone we do not trust could
+    change: whoever may write a directory above `directory` may swap the
+    component below it for a symbolic link between our checks and our
+    opens (which go by path: sqlite's, the log's). So root or we must own
+    every directory from / down to `directory`'s parent, writable by no one
+    else, or sticky with the component below ours (check_directory). Only
+    root and us: not even the daemon's user, who owns state_dir itself."""
+    path = os.path.abspath(directory)
+    while path != "/":
+        try:
+            below = os.lstat(path)
+        except FileNotFoundError:
+            below = None  # to be created, by us
+        check_directory(path, trusted_ids(), below)
+        path = os.path.dirname(path)
+
+
 def jailed(path, root):
     """`path` as seen after chroot(root); unchanged if it lies outside."""
     root = root.rstrip("/")
@@ -2789,6 +3037,125 @@ def _user_name(uid):
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def backup_database(source, dest, force=False):
+    """Write a consistent copy of the database open as `source`, a sqlite3
+    connection, to the file `dest`; return the number of notes in the copy.
+    On any error a NotesdError (exit code 1) says why, `dest` is as it was
+    and no temporary file is left. Any thread that may use `source`: the
+    CLI's `backup` now, maybe the main loop one day.
+
+    The steps, each for a reason:
+      1. A new file beside `dest` (_backup_file), which sqlite then opens by
+         name: see there why its directory must pass check_directory.
+      2. Connection.backup(pages=-1) is sqlite3_backup_step(-1): every page
+         in one step, inside one read transaction of `source` (the one it is
+         in, if any), so the copy is one snapshot, with every transaction
+         committed before it began and none after. In WAL mode a reader does
+         not block the writer (https://www.sqlite.org/wal.html), so the
+         daemon keeps committing meanwhile; a copy in several steps would
+         start again after each of its commits. The copy keeps no journal
+         (journal_mode=OFF): until it is renamed it is ours alone, and
+         thrown away on any error.
+      3. Page 1 is copied as it is, so the copy's header still says WAL
+         (bytes 18 and 19 are 2: https://www.sqlite.org/fileformat2.html,
+         1.3.3) and its first reader would make a -wal and -shm beside it.
+         Set to 1, it is one self-contained file in rollback mode that opens
+         read-only anywhere; notesd turns it back to WAL when it starts on
+         it. The two bytes are written here, with no connection open: PRAGMA
+         journal_mode=DELETE would first open the copy in WAL mode, making
+         both files.
+      4. PRAGMA quick_check of the copy, then its notes counted: a copy of a
+         damaged database is no backup, and `start` would refuse it.
+      5. fsync, then the name (_put_in_place)."""
+    dest = os.path.abspath(dest)
+    if os.path.isdir(dest):
+        raise NotesdError(f"{dest} is a directory; name the file to write")
+    if os.path.lexists(dest) and not force:
+        raise NotesdError(f"{dest} exists; not replacing it without --force")
+    fd, temp = _backup_file(dest)
+    try:
+        copy = sqlite3.connect(temp, isolation_level=None)
+        try:
+            copy.execute("PRAGMA journal_mode=OFF")
+            source.backup(copy, pages=-1)
+        finally:
+            copy.close()
+        os.pwrite(fd, b"\x01\x01", 18)
+        notes = _count_checked(temp, dest)
+        os.fsync(fd)
+        _put_in_place(temp, dest, force)
+        return notes
+    except sqlite3.Error as e:
+        raise NotesdError(f"cannot write {dest}: {e}") from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _backup_file(dest):
+    """(fd, path) of a new, empty file beside `dest`, mode 0600 whatever the
+    umask (it holds every note). O_CREAT|O_EXCL never opens a file that is
+    there already, nor follows a symbolic link, so what open_safely checks
+    holds by construction (and backup's exit code is 1, not its 4); the dot
+    name keeps a copy in progress out of a glob such as notes-*.db. sqlite opens the file again by
+    name, so its directory must pass check_directory: whoever else could
+    write there could swap the file for a link to /etc/shadow in between,
+    and root would write the copy into that."""
+    directory, name = os.path.split(dest)
+    temp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as e:
+        raise NotesdError(f"cannot write {dest}: {e.strerror} ({directory})") from None
+    try:
+        os.fchmod(fd, 0o600)  # the umask took bits away (0277 leaves 0400)
+        check_directory(dest, trusted_ids(), os.fstat(fd))  # the same directory
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
+    return fd, temp
+
+
+def _count_checked(temp, dest):
+    """The notes in the copy `temp`, once it passes quick_check. Read-only:
+    in rollback mode (backup_database, step 3) a reader makes no file."""
+    db = sqlite3.connect(f"file:{urllib.parse.quote(temp)}?mode=ro", uri=True)
+    try:
+        problems = damage(db)
+        if problems:
+            raise NotesdError(f"the database is damaged; PRAGMA quick_check of its copy says: "
+                              f"{'; '.join(problems)}. {dest} was not written; see README.md "
+                              "(Backups, Restore)")
+        return db.execute("SELECT count(*) FROM notes").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _put_in_place(temp, dest, force):
+    """Give the fsync'd copy `temp` its name `dest`, atomically: os.link
+    never replaces a file (EEXIST, if one appeared since we looked), so
+    without `force` nothing is ever lost; os.replace does replace one. Then
+    fsync the directory: rename(2) and link(2) are atomic, not durable."""
+    try:
+        if force:
+            os.replace(temp, dest)
+        else:
+            os.link(temp, dest)
+            os.unlink(temp)
+    except FileExistsError:
+        raise NotesdError(f"{dest} exists; not replacing it without --force") from None
+    except OSError as e:
+        raise NotesdError(f"cannot write {dest}: {e.strerror}") from None
+    fd = os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 ###############################################################################
@@ -2809,14 +3176,41 @@ class _RedactToken(logging.Filter):
         return True
 
 
+class _EscapeControls(logging.Filter):
+    """Writes every control character of a log line (C0 but tab, DEL, C1)
+    as \\xNN, whatever logged it: request lines, paths and error messages
+    carry the client's bytes, and an ESC reaching a sysadmin's `tail -f`
+    would run terminal escape sequences (Apache's CVE-2003-0020), a newline
+    would forge a log line. The one place every line passes."""
+
+    CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+    def filter(self, record):
+        message = record.getMessage()
+        if self.CONTROLS.search(message):
+            message = self.CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
+        record.msg, record.args = message, None  # formatted once, here
+        return True
+
+
 class _LogFile(logging.handlers.WatchedFileHandler):
     """WatchedFileHandler that opens its file with open_safely(), at start and
     at every reopen, and whose reopening cannot raise into the caller: its
     emit() reopens a moved file before the try that guards the write, so a
     log directory gone missing would otherwise take down the main loop."""
 
+    def __init__(self, filename, trusted, **kwargs):
+        self.trusted = trusted  # trusted_ids(): root, us, the daemon's user
+        super().__init__(filename, **kwargs)
+
     def _open(self):
         fd = open_safely(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:  # root appends to it and hands it over: it must be ours (check_directory)
+            check_directory(self.baseFilename, self.trusted, os.fstat(fd))
+            check_ancestors(os.path.dirname(self.baseFilename))
+        except BaseException:
+            os.close(fd)
+            raise
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record):
@@ -2851,7 +3245,7 @@ class Logs:
             fmt = "notesd[%(process)d]: %(levelname)s %(message)s"
         else:
             try:
-                handler = _LogFile(target, encoding="utf-8")
+                handler = _LogFile(target, trusted_ids(daemon_account(config)), encoding="utf-8")
             except OSError as e:  # open_safely's own refusals carry the path already
                 raise NotesdError(f"cannot open log file {target}: {e.strerror}") from None
             self.path = target
@@ -2859,6 +3253,7 @@ class Logs:
         handler.setFormatter(logging.Formatter(fmt))
         self.redact = _RedactToken()
         handler.addFilter(self.redact)
+        handler.addFilter(_EscapeControls())
         self.handler = handler
         log.handlers = [handler]
         log.propagate = False
@@ -2921,19 +3316,14 @@ PID_WRITE_GRACE = 1.0
 
 def _lock_owner(fd):
     """The pid that holds a write lock on the open file `fd` (-1: an OFD
-    lock), or None when nobody does. A read lock raises a NotesdError: it
-    blocks our lockf() but is never a daemon's, and anyone who may read the
-    file can take one (with the pid it names, after pid reuse)."""
+    lock), or None when nobody does. A read lock counts as none: it is never
+    a daemon's, and anyone who may read the file can take one (with the pid
+    it names, after pid reuse); `start` then takes a new file (PidFile)."""
     fmt, names = FLOCK
     query = dict(type=fcntl.F_WRLCK, whence=os.SEEK_SET, start=0, len=0, pid=0)
     answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(fmt, *(query[n] for n in names)))
     result = dict(zip(names, struct.unpack(fmt, answer)))
-    if result["type"] == fcntl.F_UNLCK:
-        return None
-    if result["type"] != fcntl.F_WRLCK:
-        raise NotesdError(f"the pid file is read-locked by {_describe(result['pid'])}, "
-                          "which is not notesd")
-    return result["pid"]
+    return result["pid"] if result["type"] == fcntl.F_WRLCK else None
 
 
 def _lock_holder(path):
@@ -2944,8 +3334,6 @@ def _lock_holder(path):
         return None
     try:
         return _lock_owner(fd)
-    except NotesdError:
-        return -1
     finally:
         os.close(fd)
 
@@ -3031,6 +3419,7 @@ def _open_public(path):
     fd = open_safely(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         check_directory(path, trusted_ids(), os.fstat(fd))
+        check_ancestors(os.path.dirname(path))
     except BaseException:
         os.close(fd)
         raise
@@ -3043,6 +3432,8 @@ class PidFile:
     def __init__(self, path):
         for _ in range(10):
             fd = self._lock(path)
+            if fd is None:
+                continue
             # A `stop` may have unlinked the file between our open and our
             # lock: then the lock guards nothing. Lock the file at the path.
             try:
@@ -3056,6 +3447,10 @@ class PidFile:
             raise NotesdError(f"cannot lock pid file {path}: it keeps being replaced")
         os.ftruncate(fd, 0)  # a stale pid file is ours now
         os.fchmod(fd, 0o644)  # whatever the umask: monitoring reads it as any user
+        # A URL file left by a daemon killed before it could remove it names a
+        # port that anybody may have bound since: gone before our pid shows,
+        # or `check` would send him the token until we write ours.
+        _remove_published(url_file(path))
         os.write(fd, b"%d\n" % os.getpid())
         self.path, self.fd = path, fd
 
@@ -3067,16 +3462,22 @@ class PidFile:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise AlreadyRunning(running_pid(path)) from None
-            raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise NotesdError(f"cannot lock pid file {path}: {e.strerror}") from None
+            pid = running_pid(path)  # raises for a holder that is not notesd
+            if pid:
+                raise AlreadyRunning(pid) from None
+            # Only read locks, which any reader may take and no daemon does:
+            # a new file at the path leaves them on the old one.
+            _remove_published(path)
+            return None
         return fd
 
     def remove(self):
         """At exit: the pid file and the URL file beside it. May fail after
         dropping privileges; `stop` then removes them."""
-        _remove(url_file(self.path))
-        _remove(self.path)
+        _remove_published(url_file(self.path))
+        _remove_published(self.path)
 
 
 def url_file(pidfile):
@@ -3134,11 +3535,21 @@ def read_url(config):
     return url if URL_FILE_RE.fullmatch(url) else None
 
 
-def _remove(path):
+def _remove_published(path):
+    """Remove a pid or URL file, if someone we trust wrote it
+    (_open_published) and it is still the file at that path: root must not
+    delete another user's file (in /tmp, say) because it has our name."""
     try:
-        os.unlink(path)
+        fd = _open_published(path)
+    except (OSError, NotesdError):
+        return
+    try:
+        if os.path.samestat(os.fstat(fd), os.lstat(path)):
+            os.unlink(path)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid):
@@ -3440,6 +3851,7 @@ def _make_state_dir(config, account):
         `user` was set. A typo such as state_dir = /var/lib must not give
         /var/lib to the user."""
     path = os.path.normpath(config.state_dir)
+    check_ancestors(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
@@ -3482,6 +3894,7 @@ def _open_store(path, account):
     leads nowhere that user may not go anyway. Files left by a run as root
     are handed over first, through their descriptors."""
     check_directory(path, trusted_ids(account))
+    check_ancestors(os.path.dirname(path))
     for name in (path, path + "-wal", path + "-shm") if account else ():
         try:
             fd = open_safely(name, os.O_RDONLY)
@@ -3563,28 +3976,81 @@ def cmd_run(config, args):
 
 
 def cmd_stop(config, args):
-    pid = running_pid(config.pidfile)
-    if not pid:
+    daemon = Verified.find(config.pidfile)
+    if not daemon:
         _remove_leftovers(config)
         print("notesd is not running")
         return 0
-    _signal(pid, signal.SIGTERM)
-    # Stopped means gone and its lock released: a process whose main thread
-    # has exited is a zombie while its other threads still hold the lock.
-    def stopped():
-        return not _alive(pid) and _lock_holder(config.pidfile) != pid
-    if not _wait_for(stopped, config.timeout):
-        if not args.force:
-            print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
-                  "(use --force to kill it)", file=sys.stderr)
-            return 1
-        _signal(pid, signal.SIGKILL)
-        _wait_for(stopped, config.timeout)
-        print(f"notesd killed, pid {pid}")
-    else:
-        print(f"notesd stopped, pid {pid}")
+    pid = daemon.pid
+    with daemon:
+        daemon.signal(signal.SIGTERM)
+        # Stopped means gone and its lock released: a process whose main thread
+        # has exited is a zombie while its other threads still hold the lock.
+        def stopped():
+            return not daemon.alive() and _lock_holder(config.pidfile) != pid
+        if not _wait_for(stopped, config.timeout):
+            if not args.force:
+                print(f"notesd: pid {pid} did not exit within {config.timeout:g}s "
+                      "(use --force to kill it)", file=sys.stderr)
+                return 1
+            daemon.signal(signal.SIGKILL)
+            _wait_for(stopped, config.timeout)
+            print(f"notesd killed, pid {pid}")
+        else:
+            print(f"notesd stopped, pid {pid}")
     _remove_leftovers(config)
     return 0
+
+
+class Verified:
+    """The notesd that running_pid() verified, held from then on by a pidfd
+    (pidfd_open(2), Linux 5.3; Python 3.9) where the kernel has them: a
+    signal sent seconds later (stop --force, after the timeout) or a check
+    of whether it lives can then never reach another process that reused
+    its pid. Without pidfds, the pid it is (the gap is then the wait)."""
+
+    def __init__(self, pid, fd):
+        self.pid, self.fd = pid, fd
+
+    @classmethod
+    def find(cls, path):
+        """The verified notesd of the pid file at `path`, or None."""
+        pid = running_pid(path)
+        if not pid:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None  # gone between the two looks
+        except (AttributeError, OSError):
+            return cls(pid, None)
+        if running_pid(path) != pid:  # the pid was reused before the pidfd
+            os.close(fd)
+            return None
+        return cls(pid, fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def alive(self):
+        if self.fd is None:
+            return _alive(self.pid)
+        return not select.select([self.fd], [], [], 0)[0]  # readable once it exits
+
+    def signal(self, signum):
+        if self.fd is None:
+            return _signal(self.pid, signum)
+        try:
+            signal.pidfd_send_signal(self.fd, signum)
+        except ProcessLookupError:
+            pass  # it exited: nothing to signal
+        except PermissionError:
+            raise NotesdError(f"not permitted to signal pid {self.pid}; run as its user "
+                              "or root", exit_code=4) from None
 
 
 def _signal(pid, signum):
@@ -3608,13 +4074,11 @@ def _remove_leftovers(config):
         return  # gone, or not ours to remove
     try:
         unlocked = _lock_owner(fd) is None
-    except NotesdError:
-        unlocked = False
     finally:
         os.close(fd)
     if unlocked:
-        _remove(config.pidfile)
-        _remove(url_file(config.pidfile))
+        _remove_published(config.pidfile)
+        _remove_published(url_file(config.pidfile))
 
 
 def cmd_restart(config, args):
@@ -3653,12 +4117,13 @@ def cmd_reload(config, args):
     daemon to report this reload's outcome in /status, or in /health when
     /status refuses the token: a reload that could not apply the file's new
     token leaves the daemon with its old one, which we do not know."""
-    pid = running_pid(config.pidfile)
-    if not pid:
+    daemon = Verified.find(config.pidfile)
+    if not daemon:
         print("notesd is not running", file=sys.stderr)
         return 7
-    sent = time.time()
-    _signal(pid, signal.SIGHUP)
+    pid, sent = daemon.pid, time.time()
+    with daemon:
+        daemon.signal(signal.SIGHUP)
     outcome = {}
 
     def reloaded():
@@ -3712,12 +4177,20 @@ def unreadable_config(config):
 
 
 def daemon_url(config):
-    """Where the daemon serves: its URL file, or else `listen`."""
-    return read_url(config) or f"http://{config.listen}/"
+    """Where the daemon serves, from its URL file (OSError if there is none:
+    not yet written, or not trusted). Never `listen` instead: with port 0,
+    or before the daemon binds, anybody may hold that port, and requests
+    carry the token."""
+    url = read_url(config)
+    if url is None:
+        raise FileNotFoundError(f"no URL file {url_file(config.pidfile)} (starting?)")
+    return url
 
 
 def api_request(config, path, method="GET", body=None):
-    """(status, JSON body) of a request to the running daemon."""
+    """(status, JSON object) of a request to the running daemon, within
+    `timeout` in all: a server that drips its reply a byte at a time would
+    outlast any per-read timeout (SIGALRM: the CLI is one thread)."""
     url = urllib.parse.urlsplit(daemon_url(config))
     host = url.hostname
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -3725,12 +4198,22 @@ def api_request(config, path, method="GET", body=None):
     headers = {"Accept": JSON_TYPE}
     if config.token:
         headers["Authorization"] = "Bearer " + config.token
+
+    def late(signum, frame):
+        raise TimeoutError(f"no whole reply within {config.timeout:g}s")
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, config.timeout)
     try:
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        reply = json.loads(response.read(1 << 20) or b"{}")
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         connection.close()
+    if not isinstance(reply, dict):
+        raise ValueError(f"{path} answered {type(reply).__name__}, not a JSON object")
+    return response.status, reply
 
 
 def cmd_check(config, args):
@@ -3750,7 +4233,7 @@ def cmd_check(config, args):
                   f"{status.get('message', 'no figures')}")
             return 3
     except (OSError, ValueError, http.client.HTTPException) as e:
-        print(f"NOTESD CRITICAL - no answer from {daemon_url(config)}: {e}")
+        print(f"NOTESD CRITICAL - no answer from {read_url(config) or 'notesd'}: {e}")
         return 2
     lag = health.get("loop_lag_ms", 0.0)
     state = 2 if lag >= args.crit_lag else 1 if lag >= args.warn_lag else 0
@@ -3761,6 +4244,45 @@ def cmd_check(config, args):
     print(f"NOTESD {name} - pid {pid}, up {_duration(status.get('uptime', 0))}, "
           f"main loop lag {lag:.1f} ms | {perf}")
     return state
+
+
+def cmd_backup(config, args):
+    """A consistent copy of the database to DEST (backup_database), whether
+    the daemon runs or not. The database is read as the daemon's user
+    (acting_as), as _open_store opens it: for a stopped daemon sqlite makes
+    the -wal and -shm, which are then that user's own, not root's handed
+    over by sqlite (which it does, robustFchown in os_unix.c); and the
+    kernel checks every open, of a symbolic link the user planted as -wal
+    or -shm too, as the user's. (SQLite 3.40 refuses such links even as
+    root; notesd does not count on every version to.) The open and the
+    first read open all three files and take the snapshot; the copy is then
+    written with our own ids.
+
+    mode=rw, not mode=ro: a read-only connection works too, but cannot
+    checkpoint when it closes, so it leaves the -wal and -shm it made beside
+    a stopped daemon's database. A read-write one that closes last removes
+    them, as the daemon does; while the daemon runs it writes nothing.
+    Neither mode makes a database that is not there."""
+    path = config.database
+    account = daemon_account(config)
+    if not os.path.exists(path):
+        raise NotesdError(f"no database at {path}: nothing to back up")
+    check_directory(path, trusted_ids(account))
+    source = None
+    try:
+        with acting_as(account):
+            source = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True,
+                                     timeout=BUSY_TIMEOUT, isolation_level=None)
+            source.execute("BEGIN")
+            source.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        notes = backup_database(source, args.dest, args.force)
+    except sqlite3.Error as e:
+        raise NotesdError(f"cannot read database {path}: {e}") from None
+    finally:
+        if source is not None:
+            source.close()
+    print(f"notesd backup {os.path.abspath(args.dest)}: {notes} notes")
+    return 0
 
 
 def cmd_configtest(config, args):
@@ -3792,6 +4314,8 @@ COMMANDS = {
     "check": Cli(cmd_check, "health check for cron and monitoring (Nagios plugin format)",
                  True, (3, "NOTESD UNKNOWN - {}")),
     "configtest": Cli(cmd_configtest, "validate the configuration and print it", False, None),
+    "backup": Cli(cmd_backup, "write a consistent copy of the database to DEST, whether the "
+                  "daemon runs or not (--force: replace DEST)", False, None),
 }
 #: the commands whose daemon will have to read the configuration file again.
 WARN_UNREADABLE = ("start", "restart", "run", "configtest")
@@ -3805,11 +4329,14 @@ def build_parser():
                "6 invalid configuration; 7 not running (reload).")
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND",
                         help="; ".join(f"{name}: {c.help}" for name, c in COMMANDS.items()))
+    parser.add_argument("dest", nargs="?", metavar="DEST",
+                        help="backup: the file to write the copy to (and only backup takes it)")
     parser.add_argument("-c", "--config", metavar="FILE", default=os.environ.get("NOTESD_CONFIG"),
                         help="INI file with a [notesd] section (default: $NOTESD_CONFIG)")
     parser.add_argument("-V", "--version", action="version", version=f"notesd {__version__}")
     parser.add_argument("--force", action="store_true",
-                        help="stop: SIGKILL when SIGTERM did not work within the timeout")
+                        help="stop: SIGKILL when SIGTERM did not work within the timeout; "
+                             "backup: replace an existing DEST")
     parser.add_argument("--warn-lag", type=float, default=500.0, metavar="MS",
                         help="check: WARNING at this main-loop lag (default 500)")
     parser.add_argument("--crit-lag", type=float, default=2000.0, metavar="MS",
@@ -3832,7 +4359,12 @@ def build_parser():
 
 def main(argv=None):
     """The CLI: errors become one line and an exit code here, and only here."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # intermixed: DEST may come after an option too (backup --force DEST)
+    args = parser.parse_intermixed_args(argv)
+    if (args.dest is None) == (args.command == "backup"):
+        parser.error(f"{args.command} takes no DEST" if args.dest is not None else
+                     "backup needs DEST, the file to write the copy to")
     token = os.environ.pop(TOKEN_ENVIRONMENT, None)
     if args.token is None:
         args.token = token

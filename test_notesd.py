@@ -26,6 +26,7 @@ import os
 import platform
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -456,7 +457,7 @@ def shared(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_daemons(tmp_path_factory):
     """Safety net: at the end, kill (and report) any notesd started under our temp dirs."""
-    base = str(tmp_path_factory.getbasetemp())
+    base = str(tmp_path_factory.getbasetemp()) + "/"  # not pytest-15 for pytest-153
     yield
     leaked = notesd_processes(base) + notesd_processes(OPEN_TMP_PREFIX)
     for pid in leaked:
@@ -1307,12 +1308,14 @@ def test_every_readme_command_runs(tmp_path):
         ("check", 2, "CRITICAL", r"NOTESD CRITICAL - [^\n]*"),
         ("reload", 7, "not running", r""),
         ("stop", 0, "stopped (also if it was not running)", r"notesd is not running"),
+        ("backup", 1, "failed (no database", r""),
         ("configtest", 0, "valid", r"listen = 127\.0\.0\.1:0\n.*"),
         ("start", 0, "running", start),
         ("start", 0, "running (also if it already was)", r"notesd[^\n]* running, pid \d+[^\n]*"),
         ("status", 0, "running", STATUS_LINE.pattern.strip("^$")),
         ("check", 0, "OK", r"NOTESD OK - [^\n]*"),
         ("reload", 0, "applied", r"notesd reloaded, pid \d+"),
+        ("backup", 0, "written", r"notesd backup /\S+/copy\.db: 0 notes"),
         ("restart", 0, "running", r"notesd stopped, pid \d+\n" + start),
         ("stop", 0, "stopped", r"notesd stopped, pid \d+"),
         ("run", 0, "after a clean stop", r""),
@@ -1324,7 +1327,8 @@ def test_every_readme_command_runs(tmp_path):
         for command, code, meaning, stdout in steps:
             documented = r"(?:^|, )%d\b" % code + (" " + re.escape(meaning) if meaning else "")
             assert re.search(documented, cells[command]), (command, code, meaning, cells[command])
-            r = run_in_foreground() if command == "run" else d.cli(command)
+            argv = (command, str(tmp_path / "copy.db")) if command == "backup" else (command,)
+            r = run_in_foreground() if command == "run" else d.cli(*argv)
             assert r.returncode == code, (command, r.returncode, r.stdout, r.stderr, d.log())
             assert re.fullmatch(stdout, r.stdout.rstrip("\n"), re.S), (command, r.stdout)
             if command in ("start", "restart"):
@@ -2455,16 +2459,16 @@ def test_ofd_lock_on_stale_pid_file_signals_nobody(make_daemon):
     os.kill(d.pid(), signal.SIGKILL)
     # what any user may do to a 0644 file, once the dead daemon's lock is gone
     fd = wait_until(lambda: _ofd_lock(d.pidfile), 5, d, "the dead daemon's lock to go")
-    try:
-        for command in (["stop"], ["stop", "--force", "--timeout", "1"], ["reload"]):
+    try:  # a read lock, as any reader may take: never a daemon's
+        r = d.cli("status")
+        assert r.returncode == 1 and "not running" in r.stdout, (r.stdout, r.stderr)
+        assert "pid -1" not in r.stdout, r.stdout
+        r = d.cli("check")
+        assert r.returncode == 2 and "not running" in r.stdout, r.stdout
+        for command in (["reload"], ["stop", "--force", "--timeout", "1"], ["stop"]):
             out = _in_pid_namespace(d.argv(*command))
             assert "victim=alive" in out, (command, out)
-            assert "rc=0" not in out, (command, out)
-        r = d.cli("status")
-        assert r.returncode == 4, (r.stdout, r.stderr)
-        assert "pid -1" not in r.stdout and "running, pid" not in r.stdout, r.stdout
-        r = d.cli("check")
-        assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
+            assert "pid -1" not in out, (command, out)
     finally:
         os.close(fd)
 
@@ -2852,7 +2856,9 @@ def test_pid_and_url_files_planted_in_a_sticky_directory(make_daemon, open_tmp):
 
 def test_read_lock_by_a_reused_pid_is_not_notesd(make_daemon):
     """After a crash the pid file stays, 0644: anyone may read-lock it, and
-    once pid reuse gives him the pid it names, he has the file open too."""
+    once pid reuse gives him the pid it names, he has the file open too.
+    A read lock is never a daemon's: nobody is signalled, and it neither
+    blocks `start` nor `stop` (a denial of service otherwise)."""
     d = make_daemon()
     os.kill(d.pid(), signal.SIGKILL)
     wait_until(lambda: not alive(d.pid()), 5, d, "the daemon to die")
@@ -2865,12 +2871,15 @@ def test_read_lock_by_a_reused_pid_is_not_notesd(make_daemon):
         with open(d.pidfile, "w") as f:  # what pid reuse amounts to
             f.write("%d\n" % holder.pid)
         r = d.cli("status")
-        assert r.returncode == 4, (r.stdout, r.stderr)
-        assert "read-locked" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        assert r.returncode == 1 and "not running" in r.stdout, (r.stdout, r.stderr)
+        assert d.cli("check").returncode == 2
         r = d.cli("stop", "--force", "--timeout", "1")
-        assert r.returncode == 1, (r.stdout, r.stderr)
-        assert d.cli("check").returncode == 3
+        assert r.returncode == 0 and "not running" in r.stdout, (r.stdout, r.stderr)
         assert holder.poll() is None, "stop signalled a process that is not notesd"
+        with open(d.pidfile, "w") as f:
+            f.write("%d\n" % holder.pid)
+        d.start()  # the read lock stays on the old file
+        assert d.pid() != holder.pid and d.get("/health").status == 200
     finally:
         holder.kill()
         holder.wait(timeout=CLI_TIMEOUT)
@@ -2925,6 +2934,52 @@ def test_check_with_a_wrong_token_is_unknown(make_daemon):
     assert r.returncode == 3 and r.stdout.startswith("NOTESD UNKNOWN"), r.stdout
     assert "401" in r.stdout, r.stdout
 
+
+
+@needs_root
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_state_dir_below_a_directory_a_user_may_write_is_refused(make_daemon, open_tmp, user):
+    """Whoever may write a directory above state_dir may swap state_dir for a
+    link to a root-only directory between root's checks and its opens by
+    path (with `user` too: the user may not own state_dir's parent)."""
+    home = _directory(open_tmp, "home", 0o755)
+    os.chown(home, pwd.getpwnam("nobody").pw_uid, -1)
+    roots = _directory(open_tmp, "roots", 0o700)
+    state = _directory(home, "state", 0o700)
+    extra = ("--user", user) if user else ()
+    d = make_daemon(*extra, "--state-dir", state, "--database", os.path.join(state, "notes.db"),
+                    "--log", os.path.join(state, "notesd.log"), start=False)
+    _assert_start_refused(d, home)
+    assert os.listdir(state) == [] and os.listdir(roots) == []
+
+
+@needs_root
+def test_log_file_planted_in_a_shared_directory_is_refused(make_daemon, open_tmp):
+    sticky = _directory(open_tmp, "sticky", 0o1777)
+    planted = os.path.join(sticky, "notesd.log")
+    nobody = pwd.getpwnam("nobody")
+    with open(planted, "w") as f:
+        f.write("nobody's\n")
+    os.chown(planted, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(planted, 0o666)
+    d = make_daemon("--log", planted, start=False)
+    _assert_start_refused(d, planted)
+    with open(planted) as f:
+        assert f.read() == "nobody's\n"
+    assert os.stat(planted).st_uid == nobody.pw_uid
+
+
+@needs_other_user
+def test_uid_without_passwd_entry_gets_a_clear_answer(open_tmp):
+    copy = os.path.join(open_tmp, "notesd.py")
+    shutil.copy(NOTESD, copy)
+    os.chmod(copy, 0o644)
+    for command, code in (("status", 4), ("check", 3)):
+        r = subprocess.run([SYSTEM_PYTHON, copy, command], capture_output=True, text=True,
+                           timeout=CLI_TIMEOUT, cwd="/", user=54321, group=54321,
+                           extra_groups=[], env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+        assert r.returncode == code, (command, r.stdout, r.stderr)
+        assert "54321" in r.stdout + r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 ###############################################################################
@@ -3375,6 +3430,767 @@ def test_page_of_notes_is_bounded_by_bytes(make_daemon):
     html = d.get("/?limit=1000", headers={"Accept": "text/html"})
     assert html.status == 200 and html.header("Link") == pages[0].header("Link"), html
 
+
+###############################################################################
+# Backups and restore (issue 10, items 5-7) ###################################
+###############################################################################
+# `backup DEST` copies the database with sqlite's online backup API; the
+# README's restore recipe puts a copy back, and `start` refuses a damaged
+# database. Copies are read here with sqlite3, as an operator would.
+
+BACKUP_LINE = re.compile(r"notesd backup (/\S+): (\d+) notes")
+
+
+def _backups(tmp_path):
+    """A directory for copies, root's alone like /var/backups/notesd."""
+    path = tmp_path / "backups"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+def _backup(d, dest, *extra, **popen_kw):
+    """`backup DEST` that must succeed: the notes its line counts."""
+    r = d.cli("backup", dest, *extra, **popen_kw)
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log()[-2000:])
+    match = BACKUP_LINE.fullmatch(r.stdout.rstrip("\n"))
+    assert match and match.group(1) == os.path.abspath(dest), r.stdout
+    return int(match.group(2))
+
+
+def _notes_in(path):
+    """{id: text} of a copy, read as one lone file: read-only, with no -wal or
+    -shm beside it, so it must need none; it passes quick_check."""
+    directory, name = os.path.split(path)
+    with open(path, "rb") as f:
+        header = f.read(100)
+    assert header[:16] == b"SQLite format 3\0", header[:16]
+    assert header[18:20] == b"\x01\x01", "the copy is in WAL mode: %r" % header[18:20]
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True)
+    try:
+        assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        notes = dict(db.execute("SELECT id, text FROM notes"))
+    finally:
+        db.close()
+    assert [n for n in os.listdir(directory) if n.startswith(name + "-")] == []
+    return notes
+
+
+def _only(directory, *names):
+    """The directory holds these names and nothing else (no temporary file)."""
+    assert sorted(os.listdir(directory)) == sorted(names), os.listdir(directory)
+
+
+def test_backup_while_8_writers_write(daemon, tmp_path):
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    workers = _write_until_stopped(daemon, stop, acked, lock)
+    try:
+        wait_until(lambda: len(acked) >= 100, 20, daemon, "100 acknowledged notes")
+        with lock:
+            before = dict(acked)
+        counted = _backup(daemon, dest)
+        wait_until(lambda: len(acked) >= len(before) + 50, 20, daemon, "writes after it")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    notes = _notes_in(dest)
+    assert counted == len(notes)
+    missing = {nid: text for nid, text in before.items() if notes.get(nid) != text}
+    assert not missing, "acknowledged before the backup, not in it: %r" % missing
+    assert set(notes) <= set(acked), "in the copy, never acknowledged"
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    _only(os.path.dirname(dest), "copy.db")
+    daemon.assert_serving()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_backup_with_the_daemon_stopped(daemon, tmp_path, how):
+    texts = {daemon.note("stopped %d" % i)["id"]: "stopped %d" % i for i in range(10)}
+    if how == "stop":
+        daemon.stop()
+    else:  # the notes are in notes.db-wal alone
+        pid = daemon.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 5, daemon, "the killed daemon gone")
+        assert os.path.getsize(daemon.database + "-wal") > 0
+    files = sorted(os.listdir(daemon.dir))
+    dest = os.path.join(_backups(tmp_path), "copy.db")
+    assert _backup(daemon, dest) == 10
+    assert _notes_in(dest) == texts
+    if how == "stop":  # as it found it: no -wal or -shm left behind
+        assert sorted(os.listdir(daemon.dir)) == files
+    daemon.start()
+    assert daemon.get("/status").json()["notes"] == 10
+
+
+@needs_root
+def test_backup_as_root_of_a_user_daemon_leaves_no_root_file(make_daemon, open_tmp, tmp_path):
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state,
+                    "--log", os.path.join(state, "notesd.log"), directory=open_tmp)
+    texts = {d.note("user %d" % i)["id"]: "user %d" % i for i in range(20)}
+
+    def root_files():
+        return [n for n in os.listdir(state) if os.lstat(os.path.join(state, n)).st_uid == 0]
+
+    backups = _backups(tmp_path)
+    assert _backup(d, os.path.join(backups, "running.db")) == 20
+    assert root_files() == []
+    d.stop()
+    files = sorted(os.listdir(state))
+    assert _backup(d, os.path.join(backups, "stopped.db")) == 20
+    assert root_files() == [] and sorted(os.listdir(state)) == files
+    for name in ("running.db", "stopped.db"):
+        assert _notes_in(os.path.join(backups, name)) == texts
+        assert os.stat(os.path.join(backups, name)).st_uid == 0
+    d.start()
+    assert d.post("after the backups").status == 201
+
+
+@needs_root
+def test_backup_as_root_follows_no_link_the_user_planted(make_daemon, open_tmp, tmp_path):
+    """Root's files stay as they were whatever sqlite makes of links planted
+    as -wal and -shm: backup reads as the daemon's user, who may not open
+    them (SQLite 3.40 refuses both links by itself, even as root)."""
+    state = os.path.join(open_tmp, "state")
+    d = make_daemon("--user", "nobody", "--state-dir", state, directory=open_tmp)
+    d.note("before")
+    d.stop()
+    victims = [_victim(_directory(open_tmp, name, 0o755)) for name in ("wal", "shm")]
+    for victim, name in zip(victims, ("notes.db-wal", "notes.db-shm")):
+        _plant_symlink(victim, os.path.join(state, name))
+    backups = _backups(tmp_path)
+    r = d.cli("backup", os.path.join(backups, "copy.db"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.startswith("notesd: "), r.stderr
+    assert all(_untouched(victim) for victim in victims)
+    _only(backups)
+
+
+def test_backup_refuses_an_existing_dest_unless_force(shared, tmp_path):
+    texts = {shared.note(t)["id"]: t for t in (unique("force") for _ in range(3))}
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    with open(dest, "w") as f:
+        f.write("yesterday's copy\n")
+    r = shared.cli("backup", dest)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert dest in r.stderr and "--force" in r.stderr, r.stderr
+    with open(dest) as f:
+        assert f.read() == "yesterday's copy\n"
+    _only(backups, "copy.db")
+    # the mode is 0600 whatever the umask: 0277 would leave 0400, 0 gives cp 0644
+    for umask in (0o277, 0o000):
+        counted = _backup(shared, dest, "--force", preexec_fn=lambda: os.umask(umask))
+        assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600, oct(umask)
+        notes = _notes_in(dest)
+        assert counted == len(notes) and texts.items() <= notes.items()
+        _only(backups, "copy.db")
+
+
+def test_backup_errors_exit_1_and_leave_no_file(shared, tmp_path):
+    backups = _backups(tmp_path)
+    dest = os.path.join(backups, "copy.db")
+    never = Daemon(tmp_path / "never-started")
+    missing = str(tmp_path / "no-state-dir")
+    for d, database in ((never, never.database), (Daemon(missing), missing)):
+        r = d.cli("backup", dest)
+        assert r.returncode == 1 and database in r.stderr, (r.stdout, r.stderr)
+        assert "no database" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(never.database)  # backup made none
+    os.mkdir(os.path.join(backups, "a-directory"))
+    for target, why, extra in ((os.path.join(backups, "a-directory"), "directory", "--force"),
+                               (os.path.join(backups, "missing", "copy.db"), "No such file", "")):
+        r = shared.cli("backup", target, *filter(None, [extra]))
+        assert r.returncode == 1, (target, r.stdout, r.stderr)
+        assert target in r.stderr and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    _only(backups, "a-directory")
+    assert os.listdir(os.path.join(backups, "a-directory")) == []
+
+
+def test_backup_dest_in_a_directory_others_can_write(shared, tmp_path):
+    """sqlite opens the temporary file by name: in a directory others may
+    write, one of them could swap it for a link first. Sticky (/tmp) is
+    fine: nobody else may rename or remove a file of ours there."""
+    directory = os.path.join(_backups(tmp_path), "shared")
+    os.mkdir(directory)
+    os.chmod(directory, 0o777)
+    dest = os.path.join(directory, "copy.db")
+    r = shared.cli("backup", dest)
+    assert r.returncode == 1 and dest in r.stderr and "others" in r.stderr, r.stderr
+    _only(directory)
+    os.chmod(directory, 0o1777)
+    _backup(shared, dest)
+    _only(directory, "copy.db")
+
+
+@needs_unshare
+def test_backup_to_a_full_or_read_only_filesystem(shared, tmp_path):
+    """What root cannot write either: a full (one page) or a read-only tmpfs,
+    mounted in a mount namespace of the backup's own, gone when it exits.
+    On the full one, the temporary file is made before the copy fails."""
+    shared.note("a database of more than one page")
+    target = os.path.join(_backups(tmp_path), "mnt")
+    os.mkdir(target)
+    script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; shift 2; "$@"; rc=$?; '
+              'echo "left: $(ls -A "$0")"; exit $rc')
+    argv = shared.argv("backup", os.path.join(target, "copy.db"))
+    for mount in ("size=4k", "ro"):
+        r = subprocess.run(["unshare", "--mount", "sh", "-c", script, target, mount, target,
+                            *argv], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert r.returncode == 1, (mount, r.returncode, r.stdout, r.stderr)
+        assert "copy.db" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout.rstrip("\n").endswith("left: "), (mount, r.stdout)
+    shared.assert_serving()
+
+
+def test_backup_usage_errors_exit_2(tmp_path):
+    d = Daemon(tmp_path)
+    for argv in (("backup",), ("start", "/tmp/x.db"), ("backup", "a.db", "b.db")):
+        r = d.cli(*argv)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert "usage:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert d.pid() is None and not os.path.exists(d.database)
+
+
+def _damage(path, how):
+    """Overwrite part of a page in the middle of a database, as a bad disk would."""
+    size = os.path.getsize(path)
+    page = 4096 * (size // 4096 // 2)
+    assert size >= 8 * 4096, "not a multi-page database: %d bytes" % size
+    with open(path, "r+b") as f:
+        if how == "cells":  # the page's header stays: count(*) still works
+            f.seek(page + 2048)
+            f.write(os.urandom(1024))
+        else:
+            f.seek(page)
+            f.write(os.urandom(4096))
+        os.fsync(f.fileno())
+
+
+def test_damaged_database_is_refused_at_start(make_daemon, tmp_path):
+    """Damage in a note's cells (count(*) does not see it, so notesd used to
+    serve from it) and a whole page of garbage; start, run and backup refuse
+    both, naming the file and pointing at the README's restore recipe."""
+    d = make_daemon()
+    d.stop()  # notesd made the database; fill it faster than HTTP would
+    db = sqlite3.connect(d.database)
+    with db:
+        db.executemany("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
+                       [("%d %s" % (i, "damage " * 60), "2024-11-28T09:00:00.000000Z",
+                         "2024-11-28T09:00:00.000000Z") for i in range(100)])
+    db.close()
+    healthy = d.database + ".healthy"
+    shutil.copy(d.database, healthy)
+    backups = _backups(tmp_path)
+    for how, commands in (("cells", ("start", "run", "backup")), ("page", ("start",))):
+        shutil.copy(healthy, d.database)
+        _damage(d.database, how)
+        for command in commands:
+            argv = (command, os.path.join(backups, "copy.db")) if command == "backup" else \
+                (command,)
+            r = d.cli(*argv)
+            assert r.returncode == 1, (how, command, r.stdout, r.stderr, d.log()[-2000:])
+            assert "quick_check" in r.stderr and "README" in r.stderr, (how, r.stderr)
+            assert command == "backup" or d.database in r.stderr, (how, r.stderr)
+            assert d.pid() is None and not os.path.exists(d.urlfile)
+    _only(backups)
+    shutil.copy(healthy, d.database)
+    d.start()
+    assert d.get("/status").json()["notes"] == 100
+
+
+def _readme_block(heading, fence):
+    """The first ``` block (opened by `fence`) after the `heading` line."""
+    text = _readme().split("\n" + heading + "\n", 1)[1]
+    return re.search(r"^" + re.escape(fence) + r"\n(.*?)^```", text, re.M | re.S).group(1)
+
+
+def _readme_sub(text, old, new):
+    """text with the README's example value `old` made the test's `new`: once."""
+    assert text.count(old) == 1, (old, text)
+    return text.replace(old, new)
+
+
+def test_readme_cron_line_and_restore_recipe(make_daemon, open_tmp, tmp_path):
+    """Exactly what README.md says: the cron line takes a backup; notes come
+    after it; the daemon is killed (so the old database's -wal is there);
+    the restore recipe, run as it stands, brings back the backup's notes."""
+    state = os.path.join(open_tmp, "state")
+    user = ("--user", "nobody") if IS_ROOT else ()
+    d = make_daemon(*user, "--state-dir", state, directory=open_tmp)
+    kept = {d.note("kept %d" % i)["id"]: "kept %d" % i for i in range(20)}
+    notesd = " ".join(shlex.quote(a) for a in d.argv())
+    backups = _backups(tmp_path)
+
+    cron = [line for line in _readme_block("## Backups", "```").splitlines()
+            if re.match(r"(\S+ ){5}", line)]
+    assert len(cron) == 1, cron
+    command = cron[0].split(" ", 5)[5].replace("\\%", "%")  # as cron runs it, with sh
+    command = _readme_sub(command, "python3 /opt/notesd/notesd.py -c /etc/notesd.conf", notesd)
+    command = _readme_sub(command, "/var/backups/notesd", backups)
+    r = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (command, r.stdout, r.stderr)
+    (name,) = os.listdir(backups)
+    assert re.fullmatch(r"notes-\d{4}-\d\d-\d\d\.db", name), name
+
+    lost = [d.note("after the backup %d" % i)["id"] for i in range(5)]
+    pid = d.pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 5, d, "the killed daemon gone")
+    database = os.path.join(state, "notes.db")
+    assert os.path.getsize(database + "-wal") > 0
+
+    recipe = _readme_block("### Restore", "```sh")
+    recipe = _readme_sub(recipe, '"python3 /opt/notesd/notesd.py -c /etc/notesd.conf"',
+                         shlex.quote(notesd))
+    recipe = _readme_sub(recipe, "/var/backups/notesd/notes-2024-11-28.db",
+                         os.path.join(backups, name))
+    recipe = _readme_sub(recipe, "cd /var/lib/notesd ", "cd %s " % shlex.quote(state))
+    recipe = _readme_sub(recipe, "chown notesd: ", "chown nobody: " if IS_ROOT else ": ")
+    r = subprocess.run(["sh", "-e", "-c", recipe], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (recipe, r.stdout, r.stderr)
+    d.after_start()
+    assert d.get("/status").json()["notes"] == len(kept)
+    for nid, text in kept.items():
+        assert d.get("/%d/" % nid).json()["text"] == text
+    for nid in lost:
+        assert d.get("/%d/" % nid).status == 404
+    st = os.stat(database)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == (pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.getuid())
+    assert _notes_in(os.path.join(backups, name)) == kept  # the backup stays as it was
+
+
+
+def test_stale_url_file_never_gets_the_token(make_daemon):
+    """A daemon killed before it removed its URL file leaves the port it
+    named to anybody; while the next daemon starts, check must not send
+    the token there."""
+    d = make_daemon("--token", "stale-secret")
+    old_port = d.port
+    os.kill(d.pid(), signal.SIGKILL)
+    wait_until(lambda: not alive(d.pid()), 5, d, "the daemon to die")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    wait_until(lambda: listener.bind(("127.0.0.1", old_port)) or True, 5, d, "the old port")
+    listener.listen(5)
+    listener.setblocking(False)
+    for name in glob.glob(d.database + "*"):
+        os.unlink(name)
+    _old_database(d.database, ["an older schema"])  # the next start must write
+    blocker = sqlite3.connect(d.database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # so it waits on the database, pid file written
+    start = subprocess.Popen(d.argv("start"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: d.cli("status").returncode == 0, 10, d, "the new daemon's pid")
+        r = d.cli("check")
+        assert r.returncode != 0, r.stdout
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        start.communicate(timeout=CLI_TIMEOUT)
+        listener.close()
+    d.after_start()
+    assert d.cli("check").returncode == 0
+
+
+###############################################################################
+# Framing, bodies and logs under hostile clients (issue 9) ####################
+###############################################################################
+# Where a request's body ends decides where the next request starts: when a
+# proxy and notesd could read the framing differently, a request can be
+# smuggled past the proxy (RFC 9112 6.3, 11.2). These tests send raw bytes:
+# every ambiguity is refused and the connection closed; chunked bodies are
+# read under max_body; bodies in flight are bounded; no control byte from a
+# client reaches the log.
+
+
+def _head(method, path, *fields, version="HTTP/1.1"):
+    """A request head with a Host field and `fields`, ready for a body."""
+    return ("%s %s %s\r\nHost: localhost\r\n%s\r\n"
+            % (method, path, version, "".join(f + "\r\n" for f in fields))).encode("latin-1")
+
+
+def chunked(*pieces, trailer=b""):
+    """`pieces` as a chunked body (RFC 9112 7.1): a chunk each, the last chunk, `trailer`."""
+    return (b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+            + b"0\r\n" + trailer + b"\r\n")
+
+
+def _note_body(text, kind):
+    """(Content-Type, body) of a note as JSON, a form or multipart."""
+    if kind == "json":
+        return "application/json", json.dumps({"text": text}).encode()
+    if kind == "form":
+        return ("application/x-www-form-urlencoded",
+                urllib.parse.urlencode({"text": text}).encode())
+    return ("multipart/form-data; boundary=b0undary",
+            ('--b0undary\r\nContent-Disposition: form-data; name="text"\r\n\r\n%s\r\n'
+             "--b0undary--\r\n" % text).encode())
+
+
+def _absent(d, marker):
+    """No note holds marker: nothing that carried it ran."""
+    r = d.get("/?q=" + urllib.parse.quote(marker))
+    return r.status == 200 and r.json() == []
+
+
+def _status_line(sock):
+    """The first line of the server's reply, read byte by byte (nothing more
+    is consumed: the caller may still read the rest)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        assert byte, "connection closed before a status line: %r" % line
+        line += byte
+    return line
+
+
+@pytest.mark.parametrize("target, fields, expected", [
+    ("/health", 30, 200),                  # 30 fields of 1000 bytes: within 32 KiB
+    ("/health", 40, 431),                  # 40 KB: each line, and the count, were fine before
+    ("/health?" + "a" * 20000, 14, 431),   # the request line counts too
+    ("/health?" + "a" * 40000, 0, 414),    # a request line alone over the bound
+], ids=["30k", "40k", "request-line-counts", "request-line-alone"])
+def test_header_section_is_bounded(shared, target, fields, expected):
+    """A stalled header section held up to 100 lines of 64 KiB (issue 9 item 6)."""
+    head = _head("GET", target, *("X-H%d: %s" % (i, "v" * 990) for i in range(fields)))
+    status, headers, body, closed = exchange(shared.port, head, closes=expected != 200)
+    if expected == 200:
+        assert status == 200, (status, body)
+    else:
+        assert_json_error(status, headers, body, expected)
+        assert closed
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("data", [
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: identity",
+          "Content-Length: 19") + b'{"text": "te+cl-1"}',
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: chunked",
+          "Content-Length: 19") + chunked(b'{"text": "te+cl-2"}'),
+    _head("GET", "/health", "Content-Length: 0", "Content-Length: 5") + b"hello",
+    _head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: chunked",
+          version="HTTP/1.0") + chunked(b'{"text": "te-1.0"}'),
+    _head("GET", "/health", "X-A: a\rb"),
+    _head("GET", "/health", "X-A: a\x00b"),
+    _head("GET", "/health", "X-A: a\x1b[31mb"),
+    _head("GET", "/health", "X-A\x00: b"),
+    b"GET\x0b/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health\x0cHTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET\xa0/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET\t/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET  /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health HTTP/1.1\r\r\nHost: localhost\r\n\r\n",
+    b"GET /he\x01alth HTTP/1.1\r\nHost: localhost\r\n\r\n",
+], ids=["te-identity+cl", "te-chunked+cl", "differing-cl", "te-in-http-1.0", "cr-in-value",
+        "nul-in-value", "esc-in-value", "nul-in-name", "vt-separator", "ff-separator",
+        "nbsp-separator", "tab-separator", "two-spaces", "bare-cr-ending", "ctl-in-target"])
+def test_ambiguous_framing_and_control_characters_are_400_and_close(shared, data):
+    """RFC 9112 3, 5, 6.1, 6.3: what two parsers could read differently is
+    refused, and the connection closed (issue 9 item 8)."""
+    status, headers, body, closed = exchange(shared.port, data, closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert headers.get("connection", "").lower() == "close", headers
+    assert closed, "the connection stayed open after a 400"
+    for marker in ("te+cl-1", "te+cl-2", "te-1.0"):
+        assert _absent(shared, marker), marker
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("kind", ["json", "form", "multipart"])
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_chunked_bodies_are_read(shared, method, kind):
+    """Every body-taking request accepts chunked, with extensions and trailer
+    fields, and the connection stays in step (issue 9 item 9)."""
+    path = "/" if method == "POST" else "/%d/" % shared.note("before")["id"]
+    text = unique("chunked")
+    content_type, body = _note_body(text, kind)
+    a, b, c = body[:5], body[5:-3], body[-3:]
+    encoded = (b"%x;name=value\r\n%s\r\n" % (len(a), a)
+               + b'%X ; q="a \\" b" ;x\r\n%s\r\n' % (len(b), b)
+               + b"%x\r\n%s\r\n" % (len(c), c)
+               + b"0\r\nX-Checksum: whatever\r\nX-Other: too\r\n\r\n")
+    data = _head(method, path, "Content-Type: " + content_type,
+                 "Transfer-Encoding: chunked") + encoded
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        with s.makefile("rb") as f:
+            s.sendall(data)
+            status, headers, reply = read_reply(f)
+            assert status == (201 if method == "POST" else 200), (status, reply)
+            assert json.loads(reply)["text"] == text
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still in step
+            assert read_reply(f)[0] == 200
+
+
+def test_chunked_config_patch(shared):
+    data = (_head("PATCH", "/config", "Content-Type: application/json",
+                  "Transfer-Encoding: chunked") + chunked(b'{"log_level":', b' "info"}'))
+    status, headers, body, _ = exchange(shared.port, data)
+    assert status == 200, (status, body)
+    assert json.loads(body)["log_level"] == "info"
+
+
+@pytest.mark.parametrize("coding, expected", [
+    ("CHUNKED", 201), ("gzip, chunked", 501), ("gzip", 400), ("identity", 400),
+    ("chunked, chunked", 400), ("chunked;x=1", 400)])
+def test_transfer_codings(shared, coding, expected):
+    """Only chunked (RFC 9112 6.1: 501 for a coding not understood; 6.3: 400
+    when chunked is not the final coding, as the length is then unknown)."""
+    text = unique("coding")
+    data = (_head("POST", "/", "Content-Type: application/json", "Transfer-Encoding: " + coding)
+            + chunked(json.dumps({"text": text}).encode()))
+    status, headers, body, closed = exchange(shared.port, data, closes=expected != 201)
+    if expected == 201:
+        assert status == 201, (status, body)
+        return
+    assert_json_error(status, headers, body, expected)
+    assert closed
+    assert _absent(shared, text)
+
+
+def test_chunked_body_over_max_body_is_413_from_the_size_line(shared):
+    """max_body holds whatever the framing; a chunk that would pass it is
+    refused at its size line, before its data (one huge chunk, or the sum)."""
+    limit = 1048576  # the default max_body
+    for chunks in (b"%x\r\n" % (limit + 1),
+                   b"%x\r\n%s\r\n%x\r\n" % (limit // 2, b" " * (limit // 2), limit // 2 + 1)):
+        data = _head("POST", "/", "Content-Type: application/json",
+                     "Transfer-Encoding: chunked") + chunks
+        status, headers, body, closed = exchange(shared.port, data, closes=True)
+        assert_json_error(status, headers, body, 413)
+        assert closed
+
+
+BODY = b'{"text": "malformed-chunks"}'
+
+
+@pytest.mark.parametrize("chunks", [
+    b"g\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"-1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"0x1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"+1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"0000000000000001c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1" + b"0" * 16 + b"\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b" 1c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c \r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"XX\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"\n0\r\n\r\n",
+    b"1c;\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;=v\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a=\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b'1c;a="open\r\n' + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a=b c\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c;a\x00\r\n" + BODY + b"\r\n0\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nBad Trailer: x\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nX-T: a\x00b\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nX-T: a\r\n folded\r\n\r\n",
+    b"1c\r\n" + BODY + b"\r\n0\r\nno colon\r\n\r\n",
+], ids=["not-hex", "negative", "0x", "plus", "empty-size", "17-digits", "overflow",
+        "space-before", "space-after", "bare-lf-size", "data-too-long", "bare-lf-data",
+        "ext-no-name", "ext-empty-name", "ext-empty-value", "ext-open-quote", "ext-space",
+        "ext-nul", "trailer-space-in-name", "trailer-nul", "trailer-fold", "trailer-no-colon"])
+def test_malformed_chunked_body_is_400_and_closes(shared, chunks):
+    data = _head("POST", "/", "Content-Type: application/json",
+                 "Transfer-Encoding: chunked") + chunks
+    status, headers, body, closed = exchange(shared.port, data, closes=True)
+    assert_json_error(status, headers, body, 400)
+    assert closed
+    assert _absent(shared, "malformed-chunks")
+    shared.assert_serving()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("how", ["upload-stdin", "data-binary-chunked", "form-chunked"])
+def test_streaming_clients_with_curl(shared, how):
+    """curl -T - (and any client that does not know the length) sends chunked."""
+    text = unique("stream")
+    url, stdin = shared.url, ("text=" + text).encode()
+    if how == "upload-stdin":
+        url, stdin = url + "%d" % shared.note("to replace")["id"], json.dumps({"text": text})
+        args = ["-T", "-"]
+    elif how == "data-binary-chunked":
+        args = ["-H", "Transfer-Encoding: chunked", "--data-binary", "@-"]
+    else:
+        stdin = text.encode()
+        args = ["-H", "Transfer-Encoding: chunked", "-F", "text=<-"]
+    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", *args, url],
+                       input=stdin if isinstance(stdin, bytes) else stdin.encode(),
+                       capture_output=True, timeout=CLI_TIMEOUT)
+    body, _, code = r.stdout.decode().rpartition("\n")
+    assert code in ("200", "201"), (code, body, r.stderr)
+    assert json.loads(body)["text"] == text
+
+
+@pytest.mark.parametrize("cut", [
+    b"Content-Length: 40\r\n\r\n" + BODY,
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY[:-1],
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n0\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n1c\r\n" + BODY + b"\r\n0\r\nX-T: v\r\n",
+], ids=["content-length", "mid-chunk", "no-last-chunk", "no-empty-line", "mid-trailer"])
+def test_body_cut_short_is_never_executed(shared, cut):
+    """Issue 9 item 1's rule for bodies: a body shorter than its framing says
+    (the client closed its side) never runs, whatever the framing."""
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + cut)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert not reply.startswith(b"HTTP/1.1 2"), reply
+    assert _absent(shared, "malformed-chunks")
+
+
+@pytest.mark.parametrize("method, path, expected", [
+    ("GET", "/health", 200), ("HEAD", "/health", 200), ("OPTIONS", "/", 204),
+    ("DELETE", "/%d/", 204)])
+def test_expect_100_continue_without_a_body_is_served(shared, method, path, expected):
+    """A request without content needs no 100 (RFC 9110 10.1.1): it is
+    simply served, not refused with 411 (issue 9 item 11)."""
+    if "%d" in path:
+        path %= shared.note("expect")["id"]
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(_head(method, path, "Expect: 100-continue"))
+        line = _status_line(s)
+    assert line.startswith(b"HTTP/1.1 %d " % expected), line
+
+
+def test_expect_100_continue_with_a_chunked_body(shared):
+    text = unique("expect")
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(_head("POST", "/", "Content-Type: application/json",
+                        "Transfer-Encoding: chunked", "Expect: 100-continue"))
+        assert _status_line(s).startswith(b"HTTP/1.1 100 "), "no 100 Continue"
+        assert _status_line(s) == b"\r\n"
+        s.sendall(chunked(json.dumps({"text": text}).encode()))
+        with s.makefile("rb") as f:
+            status, headers, body = read_reply(f)
+    assert status == 201 and json.loads(body)["text"] == text, (status, body)
+
+
+CONTROLS_IN_LOG = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def test_control_characters_never_reach_the_log(shared):
+    """A client's ESC must not reach a sysadmin's `tail -f` (issue 9 item 10)."""
+    marker = unique("esc").encode()
+    for target in (b"/%s\x1b[2J\x1b]0;owned\x07" % marker, b"/%s\x9b31m" % marker,
+                   b"/%s\x7f" % marker):
+        exchange(shared.port, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+
+    def logged():
+        lines = [line for line in shared.log().split("\n") if marker.decode() in line]
+        return lines if len(lines) >= 3 else None
+
+    lines = wait_until(logged, daemon=shared, what="three access log lines")
+    assert "\\x1b[2J" in lines[0], lines
+    found = CONTROLS_IN_LOG.findall(shared.log())
+    assert not found, "control characters in the log: %r" % found
+
+
+@pytest.mark.parametrize("kind", ["form", "multipart"])
+def test_form_with_too_many_fields_is_400(shared, kind):
+    """A 1 MiB form of tiny fields cost half a million pairs in memory, or
+    seconds of CPU in the MIME parser: at most 100 fields."""
+    text = unique("fields")
+    if kind == "form":
+        content_type, body = "application/x-www-form-urlencoded", ("a=&" * 100 + "text=" + text)
+    else:
+        part = '--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n\r\n'
+        content_type = "multipart/form-data; boundary=b"
+        body = (part * 100 + '--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'
+                + text + "\r\n--b--\r\n")
+    r = shared.request("POST", "/", body, {"Content-Type": content_type})
+    assert_error(r, 400)
+    assert _absent(shared, text)
+    content_type, body = _note_body(text, kind)  # one field is fine
+    assert shared.request("POST", "/", body, {"Content-Type": content_type}).status == 201
+
+
+def _fixed_json(length, marker="budget"):
+    """A JSON note body of exactly `length` bytes."""
+    body = json.dumps({"text": marker + "x" * (length - 12 - len(marker))}).encode()
+    assert len(body) == length
+    return body
+
+
+def test_bodies_in_flight_are_bounded(make_daemon):
+    """Request bodies held at once are bounded across connections: above
+    the bound, 503 with Retry-After, before the body is read (issue 9 item 5)."""
+    d = make_daemon("--max-body", "1000", "--max-body-total", "1500")
+    body = _fixed_json(1000)
+    head = _head("POST", "/", "Content-Type: application/json", "Content-Length: 1000")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as holder:
+        holder.sendall(head[:-2] + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        assert _status_line(holder).startswith(b"HTTP/1.1 100 ")  # its 1000 bytes are held
+        assert _status_line(holder) == b"\r\n"
+        # refused from its headers alone, body not sent: the 503 comes at once
+        status, headers, reply, closed = exchange(d.port, head, closes=True)
+        assert_json_error(status, headers, reply, 503)
+        assert int(headers["retry-after"]) > 0 and closed
+        # refused instead of a 100 Continue
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(head[:-2] + b"Expect: 100-continue\r\n\r\n")
+            assert _status_line(s).startswith(b"HTTP/1.1 503 ")
+        holder.sendall(body)
+        with holder.makefile("rb") as f:
+            assert read_reply(f)[0] == 201
+        assert closed_by_server(holder)  # the request is over
+    assert exchange(d.port, head + body)[0] == 201  # released
+
+
+def test_bodies_in_flight_are_released_on_every_path(make_daemon):
+    """Every way a request can end gives its reservation back: a leak of
+    1000 bytes would leave too little of the 1500 for the last POST."""
+    d = make_daemon("--max-body", "1000", "--max-body-total", "1500", "--timeout", "0.5")
+    body = _fixed_json(1000)
+
+    def head(method="POST", path="/", *fields):
+        return _head(method, path, "Content-Type: application/json", "Content-Length: 1000",
+                     "Connection: close", *fields)
+
+    endings = {
+        "created": head() + body,
+        "malformed-json": head() + b"{" * 1000,
+        "wrong-type": head("POST", "/", "Content-Type: text/plain") + body,
+        "wrong-method": head("POST", "/health", "Expect: 100-continue") + body,
+        "unknown-method": head("FROB", "/", "Expect: 100-continue") + body,
+        "stalled": head() + body[:10],
+        "chunked-413": _head("POST", "/", "Transfer-Encoding: chunked",
+                             "Connection: close") + b"3e9\r\n",
+        "chunked-400": _head("POST", "/", "Transfer-Encoding: chunked",
+                             "Connection: close") + b"zz\r\n",
+    }
+    for name, data in endings.items():
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(data)
+            with s.makefile("rb") as f:
+                status = 100
+                while status == 100:  # past a 100 Continue to the final reply
+                    status, headers, reply = read_reply(f)
+            assert closed_by_server(s), name
+        assert status != 503, (name, reply)
+        status, headers, reply, closed = exchange(d.port, head() + body, closes=True)
+        assert status == 201 and closed, "leaked after %s: %r" % (name, reply)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:  # aborted body
+        s.sendall(head() + body[:10])
+        s.shutdown(socket.SHUT_WR)
+        assert closed_by_server(s)
+    assert exchange(d.port, head() + body)[0] == 201, "leaked after an aborted body"
+    d.assert_serving()
 
 
 ###############################################################################
