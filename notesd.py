@@ -2778,12 +2778,13 @@ SCHEMAS = {
 }
 
 #: Responses any operation may give, besides its own: a malformed or too
-#: large request (400, 414, 431) or a stalled one (408), before notesd knows
-#: the operation; no token (401), protected mode or a foreign Origin (403),
-#: a Host not in allowed_hosts (421), a full queue or notesd stopping (503).
+#: large request (400, 414, 431), a stalled one (408) or one whose body has
+#: a transfer coding notesd does not know (501), before notesd knows the
+#: operation; no token (401), protected mode or a foreign Origin (403), a
+#: Host not in allowed_hosts (421), a full queue or notesd stopping (503).
 #: /health needs no token and answers any Host.
-COMMON_STATUSES = (400, 401, 403, 408, 414, 421, 431, 503)
-HEALTH_STATUSES = (400, 403, 408, 414, 431, 503)
+COMMON_STATUSES = (400, 401, 403, 408, 414, 421, 431, 501, 503)
+HEALTH_STATUSES = (400, 403, 408, 414, 431, 501, 503)
 #: Response headers: {status: (name, required, description)}.
 RESPONSE_HEADERS = {
     201: (("Location", True, "the note's URL"), ("ETag", True, "the note's entity tag")),
