@@ -2693,7 +2693,9 @@ def render_page(handler, status, payload, headers):
         text = html.escape(json.dumps(payload, indent=2, ensure_ascii=False))
         body = "<pre>" + _LINK_RE.sub(r'&quot;<a href="\1">\1</a>&quot;', text) + "</pre>\n"
     forms = _page_forms(handler, status, payload, path)
-    done = NOTICES.get(_query(query).get("done", "")) if status < 400 else None
+    # Read leniently: the resource may ignore its query, however malformed.
+    done = re.search(r"(?:^|&)done=(\w+)(?:&|$)", query) if status < 400 else None
+    done = done and NOTICES.get(done.group(1))
     # The headers the JSON answer carries (its length aside).
     shown = [("Server", handler.server_version), ("Date", http_date()),
              ("Content-Type", JSON_TYPE), *headers]

@@ -4399,6 +4399,16 @@ def test_feedback_where_the_user_looks(shared):
                              form), form
 
 
+
+def test_a_page_whose_query_is_not_utf8_still_renders(shared):
+    """The page reads ?done= from a query its resource ignores: a query that
+    is not UTF-8 must not take the page (and the connection) down."""
+    note = shared.note("odd query")
+    for path in ("/%d/?done=%%FF" % note["id"], "/config?done=%FF&x=%C3"):
+        r, page = _page(shared, path)
+        assert r.status == 200 and 'class="notice"' not in page, (path, r)
+    shared.assert_serving()
+
 def test_pages_name_their_own_icon(shared):
     """Item 6: /favicon.ico was a 404, and a console error, on every load."""
     for path in ("/", "/config", "/nope"):
