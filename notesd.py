@@ -2283,7 +2283,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """Does the client prefer HTML (a browser), and not ask for the JSON
         itself with ?format=json (the page's "raw JSON" link)?"""
         headers = getattr(self, "headers", None)
-        if headers is None or not _prefers_html(headers.get("accept", "")):
+        # No command: the request line was refused, and the headers (if any)
+        # are the last request's; its error is JSON.
+        if self.command is None or headers is None or \
+                not _prefers_html(headers.get("accept", "")):
             return False
         return "format=json" not in self.path.partition("?")[2].split("&")
 
@@ -2722,8 +2725,8 @@ def _page_forms(handler, status, payload, path):
     so nothing typed is lost."""
     kind = ("list" if path == "/" else "config" if path == "/config" else
             "note" if re.fullmatch(r"/[0-9]+/?", path) else None)
-    if status >= 400:
-        fields = handler.fields if handler.command == "POST" else None
+    if status >= 400:  # (no fields yet if the parser refused the request)
+        fields = getattr(handler, "fields", None) if handler.command == "POST" else None
         text = fields.get("text") if isinstance(fields, dict) else None
     else:
         text = {"list": "", "config": '{"log_level": "debug"}'}.get(kind)

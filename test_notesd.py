@@ -4409,6 +4409,24 @@ def test_a_page_whose_query_is_not_utf8_still_renders(shared):
         assert r.status == 200 and 'class="notice"' not in page, (path, r)
     shared.assert_serving()
 
+
+@pytest.mark.parametrize("second", [
+    b"NONSENSE\r\n\r\n",
+    b"POST / HTTP/1.1\r\nAccept: text/html\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\nBad Name: x\r\n\r\n"])
+def test_errors_before_a_request_is_parsed_are_answered_to_browsers(shared, second):
+    """A browser's request, then on the same connection one that the parser
+    refuses (no method, no Host, a bad header): a 400, as a page or JSON,
+    never a traceback."""
+    first = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(first + second)
+        f = s.makefile("rb")
+        assert read_reply(f)[0] == 200
+        status = read_reply(f)[0]
+    assert status == 400, status
+    shared.assert_serving()
+
 def test_pages_name_their_own_icon(shared):
     """Item 6: /favicon.ico was a 404, and a console error, on every load."""
     for path in ("/", "/config", "/nope"):
