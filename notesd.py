@@ -109,6 +109,35 @@ POLL = 0.01
 BACKLOG = 1024
 #: seconds between checks of serve_forever() for shutdown(): bounds `stop`.
 ACCEPT_POLL = 0.05
+#: file descriptors kept back from connections for the daemon's own: a dozen
+#: at rest (stdio, pid file, log, the database with its -wal and -shm, the
+#: listening socket, the signal socketpair), a few now and then (a reload's
+#: config file, /proc for /status, a connection being refused), and room to
+#: spare. Never more than half the open-file limit, however low it is; the
+#: connections closed to make room (EVICTING_MAX) come out of the rest.
+FD_RESERVE = 32
+#: seconds a request's head may take before, with every connection slot
+#: taken, its connection may be closed (408) to make room for a new client.
+#: A client on any real network sends a head in a round trip or two; one
+#: that takes a second holds a slot on purpose (slowloris) or cannot keep up.
+SLOW_HEAD = 1.0
+#: connections closed to make room whose threads may still be finishing
+#: while new ones take their slots. A closed connection's thread needs the
+#: GIL like every other to leave, which under load takes milliseconds: the
+#: accept thread, waiting for each in turn, held a new client behind a flood
+#: of connections for seconds. Bounds the threads at max_connections + 32.
+EVICTING_MAX = 32
+#: seconds the accept thread waits for closed connections to give their
+#: slots back (when EVICTING_MAX are finishing, or file descriptors are
+#: short), before it refuses the new one after all.
+EVICT_WAIT = 0.1
+#: seconds the accept thread pauses when accept() fails for want of file
+#: descriptors (EMFILE): the listening socket stays readable, so retrying at
+#: once would spin (nginx disables accept events for 500 ms). Cut short as
+#: soon as a connection ends and frees one.
+ACCEPT_BACKOFF = 0.1
+#: seconds between two warnings in the log that connections are refused.
+REFUSALS_LOGGED_EVERY = 60.0
 #: notes per page of GET /: the default and the most a client may ask for.
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 #: bytes of JSON in a page of GET / at most (a page holds one note even if it
@@ -358,8 +387,13 @@ DEFAULTS = {
                              "bytes of request bodies held at once, all connections "
                              "together (503 with Retry-After above)"),
     "timeout": Option("10", _parse_positive(float, 0.01, 3600.0), True,
-                      "seconds a connection may idle or stall; also how long stop, reload "
-                      "and check wait"),
+                      "seconds a connection may idle or stall, and a request may take from "
+                      "its first byte to its last (408); also how long stop, reload and "
+                      "check wait"),
+    "max_connections": Option("512", _parse_positive(int, 1, 10**6), True,
+                              "connections served at once, a thread each (at most the "
+                              "open-file limit less 32); above it the longest-idle one is "
+                              "closed, else the new one gets 503"),
     "queue_size": Option("10000", _parse_positive(int, 1, 10**6), False,
                          "commands waiting for the main loop before requests get 503"),
     "command_budget": Option("50", _parse_positive(int, 1, 60000), True,
@@ -1801,22 +1835,111 @@ class BodyBudget:
             self.held -= size
 
 
+#: Where a connection is, for the connection cap (ApiServer.make_room):
+#: waiting for the first byte of a request, inside a request's head, or past
+#: it (reading the body, waiting for the main loop, writing the reply).
+IDLE, HEAD, BUSY = "idle", "head", "busy"
+
+
+def _timeval(seconds):
+    """struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; never zero, which means no timeout."""
+    whole, micro = int(seconds), int(seconds % 1 * 1e6)
+    return struct.pack("ll", whole, micro or (0 if whole else 1))
+
+
 class _KernelTimedReader(io.RawIOBase):
     """Reads a socket whose read timeout the kernel keeps (SO_RCVTIMEO): when
     it expires recv() fails with EAGAIN, raised here as socket.timeout, just as
-    a Python socket timeout would be, so http.server handles both alike."""
+    a Python socket timeout would be, so http.server handles both alike.
 
-    def __init__(self, sock):
+    It also keeps each request's deadline: `timeout` bounds every read, and
+    the whole request too, head and body, counted from its first byte. A
+    timeout per read alone let a request dribbled a byte at a time stay open
+    for ever (issue 9). The kernel's timeout is lowered to the time left only
+    when a request needs a second recv() (most arrive whole in one) and is
+    raised again for the next request: no system call more on the fast path.
+    A request pipelined behind another may have its first bytes read with
+    that one; its clock then starts at its next recv(), so it gets at most
+    twice `timeout`.
+
+    One per connection, made by the accept thread (ApiServer.process_request);
+    the connection's thread calls expect_request() and reads. `phase` and
+    `since` (when it began) are what ApiServer.make_room looks at, from the
+    accept thread, which may also evict() the connection."""
+
+    def __init__(self, sock, timeout):
         self.sock = sock
+        self.timeout = self.armed = timeout  # armed: the timeout SO_RCVTIMEO holds now
+        self.deadline = self.expired = None  # expired: why the last read gave up
+        self.phase, self.since = IDLE, time.monotonic()
+        self.evicted = False
 
     def readable(self):
         return True
 
+    def expect_request(self):
+        """Connection thread: the next byte read starts a new request. A new
+        connection has been idle since it was accepted, a kept-alive one
+        since now."""
+        self.deadline = self.expired = None
+        if self.phase != IDLE:
+            self.phase, self.since = IDLE, time.monotonic()
+        if self.armed != self.timeout:
+            self._arm(self.timeout)
+
     def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise self._expire(f"the request took longer than timeout = {self.timeout:g}s")
+            if left < self.armed:
+                self._arm(left)
         try:
-            return self.sock.recv_into(buffer)
+            count = self.sock.recv_into(buffer)
         except BlockingIOError:
-            raise socket.timeout("timed out") from None
+            raise self._expire("timed out reading the request") from None
+        if not count and self.evicted:
+            raise self._expire("closed to make room for other clients: the request was "
+                               f"not complete after {SLOW_HEAD:g}s")
+        if count and self.deadline is None:  # a request's first bytes: its clock starts
+            now = time.monotonic()
+            self.deadline = now + self.timeout
+            if self.phase == IDLE:
+                self.phase, self.since = HEAD, now
+        return count
+
+    def evict(self):
+        """Accept thread, holding ApiServer.lock (so the connection's thread
+        cannot have closed the socket): end the connection to free its slot.
+        Its thread's recv() returns at once and raises socket.timeout; the
+        write side stays open for a 408."""
+        self.evicted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def evictable(self, now):
+        """Accept thread: may this connection be closed to make room?"""
+        return not self.evicted and (
+            self.phase == IDLE or (self.phase == HEAD and now - self.since >= SLOW_HEAD))
+
+    def nothing_sent(self):
+        """Accept thread: True if no byte waits in the socket either (MSG_PEEK).
+        An idle connection is closed only then: a request the client has
+        sent but that was not read yet must not be dropped."""
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError: nothing there; others: a dead connection
+            return True
+
+    def _arm(self, seconds):
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        self.armed = seconds
+
+    def _expire(self, reason):
+        self.expired = reason
+        return socket.timeout(reason)
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -1824,6 +1947,30 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     Created (bound) while still privileged; `config` is the live Config that
     the main loop replaces on reload or PATCH; `loop` the MainLoop to submit to.
+
+    The connection cap (issue 9). A thread per connection is the design, so
+    the number of connections is what bounds the threads, the descriptors
+    and the GIL convoy when thousands of threads wake at once (8,000
+    connections closed together once left /health silent for 11 s). The
+    accept thread admits a connection while fewer than capacity() are
+    open: max_connections (nginx's default worker_connections, 512), or
+    less if the open-file limit leaves room for less. At the cap it makes
+    room as nginx does when worker_connections run short: it closes the
+    connection idle the longest (kept alive, or never sent a byte); failing
+    that, the one whose request head has been arriving the longest, if for
+    more than SLOW_HEAD (slowloris; it gets 408). Otherwise the new
+    connection gets 503 with Retry-After and Connection: close, at once,
+    from the accept thread, without a thread of its own. Connections past
+    their head are never closed for room: their requests are bounded by
+    the deadline (_KernelTimedReader) and the main loop's reply timeout.
+    The new connection takes a closed one's slot at once, while its thread
+    finishes: up to EVICTING_MAX of them, within the open-file limit.
+
+    `connections` maps each open connection's socket to its reader, those
+    closed for room (`leaving` of them) until their threads end; the accept
+    thread adds, the connection's thread removes (shutdown_request), both
+    under `lock`, a Condition the accept thread waits on for a slot.
+    `victims` is the accept thread's own (see victim()).
     """
 
     daemon_threads = True  # an idle keep-alive client must not hold up exit
@@ -1846,6 +1993,136 @@ class ApiServer(http.server.ThreadingHTTPServer):
         # Protected mode, as in redis: a public address and no token means we
         # answer only clients on loopback, and tell the others how to fix it.
         self.public = not ipaddress.ip_address(host).is_loopback
+        self.connections, self.leaving = {}, 0
+        self.victims, self.victims_at = collections.deque(), 0.0
+        self.lock = threading.Condition()
+        self.fd_room = _connection_room()
+        self.refused, self.warned_at = 0, None
+        if self.fd_room < config.max_connections:
+            log.warning("the open-file limit leaves room for %d connections at once, "
+                        "fewer than max_connections = %d", self.fd_room,
+                        config.max_connections)
+
+    def capacity(self):
+        """Connections served at once: max_connections (a live key), or fewer
+        if the open-file limit leaves room for fewer."""
+        return min(self.config.max_connections, self.fd_room)
+
+    def process_request(self, request, client_address):
+        """Accept thread: a thread for the connection if there is room, else 503."""
+        with self.lock:
+            admitted = self.make_room()
+            if admitted:
+                self.connections[request] = _KernelTimedReader(request, self.config.timeout)
+        if not admitted:
+            self.refuse(request, f"too many connections (max_connections = "
+                        f"{self.capacity()}); try again")
+            return
+        super().process_request(request, client_address)
+
+    def make_room(self):
+        """Accept thread, holding `lock`: True if a new connection may have a
+        thread, after closing an idle or slow one at the cap (see the class
+        docstring). It waits (EVICT_WAIT at most) only while too many closed
+        ones are still finishing, or the descriptors are short."""
+        if len(self.connections) - self.leaving >= self.capacity():
+            victim = self.victim()
+            if victim is None:
+                return False
+            self.evict(victim)
+        ceiling = min(self.config.max_connections + EVICTING_MAX, self.fd_room)
+        return self.lock.wait_for(lambda: len(self.connections) < ceiling, EVICT_WAIT)
+
+    def victim(self):
+        """Accept thread, holding `lock`: the connection to close for room,
+        or None. Idle ones first, the longest idle first (nginx); then the
+        slowest request head. In a flood every new connection needs one, and
+        looking through all the connections each time took most of the
+        accept thread's CPU (yappi, 1,100 slow clients): the candidates are
+        sorted once into `victims` and taken from the front, each checked
+        again when its turn comes; sorted again when used up, or after
+        SLOW_HEAD, so that heads grown slow since then join in."""
+        now = time.monotonic()
+        if now - self.victims_at > SLOW_HEAD:
+            self.victims.clear()
+        for fresh in (not self.victims, True):
+            if fresh:
+                self.victims = collections.deque(sorted(
+                    (r for r in self.connections.values() if r.evictable(now)),
+                    key=_eviction_order))
+                self.victims_at = now
+            while self.victims:
+                reader = self.victims.popleft()
+                if self.connections.get(reader.sock) is reader and reader.evictable(now) \
+                        and (reader.phase == HEAD or reader.nothing_sent()):
+                    return reader
+            if fresh:
+                return None
+        return None
+
+    def evict(self, reader):
+        """Accept thread, holding `lock`: close a connection for room."""
+        reader.evict()
+        self.leaving += 1
+
+    def refuse(self, request, message):
+        """Accept thread: 503 and close, at once. The socket is non-blocking,
+        so a client that reads nothing cannot hold up the accept thread; the
+        reply is a few hundred bytes, which any send buffer takes. What the
+        client sent already is read first: closing a socket with unread data
+        sends RST, which could reach the client before the reply."""
+        body = json.dumps({"message": message}).encode() + b"\n"
+        head = (f"{STATUS_HEADS[503]}Date: {http_date()}\r\nContent-Type: {JSON_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.setblocking(False)
+            request.recv(65536)
+        except OSError:
+            pass
+        try:
+            request.send(head.encode("latin-1") + body)
+        except OSError:
+            pass
+        request.close()
+        if self.loop:
+            self.loop.responses.append(503)
+        self.warn_refusing(message)
+
+    def warn_refusing(self, message):
+        """Say in the log that connections are refused, once a minute at most."""
+        self.refused += 1
+        now = time.monotonic()
+        if self.warned_at is None or now - self.warned_at >= REFUSALS_LOGGED_EVERY:
+            log.warning("refusing connections: %s (%d since the last warning)",
+                        message, self.refused)
+            self.refused, self.warned_at = 0, now
+
+    def get_request(self):
+        """accept(). When the descriptors run out (EMFILE, ENFILE), the
+        listening socket stays readable and socketserver would retry at once:
+        it spun at 97% CPU (issue 9). Close an idle connection if there is
+        one, and wait for a connection to end, ACCEPT_BACKOFF at most."""
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            with self.lock:
+                victim = self.victim()
+                if victim is not None:
+                    self.evict(victim)
+                self.lock.wait(ACCEPT_BACKOFF)
+            self.warn_refusing(f"accept() failed: {e.strerror}")
+            raise
+
+    def shutdown_request(self, request):
+        """The connection's thread, as it ends: its slot is free."""
+        with self.lock:
+            reader = self.connections.pop(request, None)
+            if reader is not None and reader.evicted:
+                self.leaving -= 1
+            self.lock.notify()
+        super().shutdown_request(request)
 
     def server_bind(self):
         # Not HTTPServer.server_bind: its socket.getfqdn() can wait on DNS.
@@ -1878,26 +2155,39 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         # (SO_RCVTIMEO, SO_SNDTIMEO; socket(7)). A Python socket timeout would
         # poll() before each recv(): a syscall per request that cost 13% of
         # GET throughput (bench/).
-        seconds = self.server.config.timeout
-        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        self.reader = self.server.connections[self.request]  # made on accept
+        timeval = _timeval(self.reader.timeout)
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             self.request.setsockopt(socket.SOL_SOCKET, option, timeval)
         super().setup()
         self.rfile.close()
-        self.rfile = io.BufferedReader(_KernelTimedReader(self.connection))
+        self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self):
-        """BaseHTTPRequestHandler's, giving back the bytes its body reserved
-        (reserve_body) whatever happens: a reply, an error, a vanished client.
-        Only once the reply is written: a note's text is in it too."""
+        """BaseHTTPRequestHandler's, which handle() calls while the connection
+        stays open, with the reader told where each request begins (its
+        deadline, and the phase ApiServer.make_room looks at). http.server
+        closes a connection whose read timed out without a word: right for
+        an idle one (RFC 9112 9.5), but a request begun and cut off by its
+        deadline, or closed for room mid-head, gets 408 (RFC 9110 15.5.9)."""
+        self.reader.expect_request()
+        # Nothing of the last request on this connection may answer for this one.
+        self.command, self.requestline, self.headers = None, "", None
+        # The bytes its body reserved (reserve_body) go back whatever happens:
+        # a reply, an error, a vanished client; only once the reply is
+        # written, for a note's text is in it too.
         self.body_framing, self.reserved = None, 0
         try:
             super().handle_one_request()
+            if self.reader.expired and self.reader.phase == HEAD:
+                self.close_connection = True
+                self.respond(408, {"message": self.reader.expired})
         finally:
             if self.reserved:
                 self.server.bodies.release(self.reserved)
 
     def dispatch(self):
+        self.reader.phase = BUSY  # the head is in: never closed to make room now
         config = self.server.config
         # A body that no handler reads must not be taken for the next request
         # on this connection (request smuggling): read_body() clears this, and
@@ -2414,6 +2704,20 @@ def _origin_allowed(origin, allowed, host, own_port):
         if entry == name and (own_port if entry_port == 0 else entry_port) in (None, port):
             return True
     return False
+
+
+def _eviction_order(reader):
+    """Idle connections before slow heads, each the oldest first."""
+    return reader.phase != IDLE, reader.since
+
+
+def _connection_room():
+    """How many connections the open-file limit leaves room for: the soft
+    limit less what the daemon keeps for itself (FD_RESERVE)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return soft - min(FD_RESERVE, soft // 2)
 
 
 def _is_loopback(address):
@@ -3630,8 +3934,9 @@ class SystemdNotifier:
 #   4. setsid, fork again: never a session leader, so never a controlling tty
 #   5. chdir /, signals reset, close fds, stdio on /dev/null, no core dumps
 #   6. umask; state_dir, handed to the daemon's user; pid file: lock, then write
-#   7. logging; bind; storage, opened as the daemon's user; chroot; drop
-#      privileges. Every file root writes goes through open_safely().
+#   7. logging; the open-file limit raised; bind; storage, opened as the
+#      daemon's user; chroot; drop privileges. Every file root writes goes
+#      through open_safely().
 #   8. HTTP thread, READY to the waiting parent, main loop in the main thread
 
 
@@ -3819,6 +4124,7 @@ def serve(config, readiness, foreground):
         SignalRelay(commands)  # now: a TERM during start-up is not lost
         logs = Logs(config, foreground)
         logs.hand_to(account)
+        _raise_fd_limit()
         server = ApiServer(config)
         store = _open_store(config.database, account)
         write_url(config.pidfile, server.url)
@@ -3843,6 +4149,31 @@ def serve(config, readiness, foreground):
     finally:
         _shut_down(server, loop, store, pidfile)
     return code
+
+
+def _raise_fd_limit():
+    """Step 7: the soft limit on open files up to the hard one, before the
+    server sizes its connection cap from it (ApiServer.capacity). Each
+    connection holds a descriptor; the usual soft limit of 1024 would cap
+    notesd near a thousand clients however high max_connections is. systemd
+    sets 1024 soft and 512K hard, and asks programs that need more, and never
+    select() on them, to raise the soft limit themselves (Lennart Poettering,
+    "File Descriptor Limits", 2019); socketserver waits with poll(). With an
+    unlimited hard limit, the kernel still refuses more than fs.nr_open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
 
 
 def _make_state_dir(config, account):
