@@ -39,6 +39,7 @@ Sections:
 __version__ = "1.0.0"
 
 import argparse
+import base64
 import binascii
 import codecs
 import collections
@@ -179,7 +180,42 @@ HTML_TYPE = "text/html; charset=utf-8"
 
 Option = collections.namedtuple("Option", "default parse live help")
 
+# Each parser carries the JSON Schema of the values PATCH /config takes for
+# its keys (`schema`): Config.replace() holds a JSON value to it before the
+# parser reads it, and /openapi.json publishes it, so the two cannot
+# disagree. Patterns are written in the syntax JSON Schema (ECMA-262) and
+# Python share: no \d, \s or \w, whose ranges differ between the two.
 
+#: a port, 0 to 65535, as 1 to 5 digits (leading zeros allowed).
+PORT_PATTERN = r"(?:[0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+
+
+def _ipv6_pattern():
+    """IPv6address of RFC 3986 3.2.2, its nine forms: what ipaddress takes."""
+    h16, octet = "[0-9A-Fa-f]{1,4}", "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    ls32 = rf"(?:{h16}:{h16}|{octet}(?:\.{octet}){{3}})"
+    tails = [rf"(?:{h16}:){{4}}{ls32}", rf"(?:{h16}:){{3}}{ls32}", rf"(?:{h16}:){{2}}{ls32}",
+             rf"{h16}:{ls32}", ls32, h16, ""]
+    forms = [rf"(?:{h16}:){{6}}{ls32}", rf"::(?:{h16}:){{5}}{ls32}"]
+    forms += [rf"(?:(?:{h16}:){{0,{n}}}{h16})?::{tail}" for n, tail in enumerate(tails)]
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _anchored(pattern):
+    """A pattern as JSON Schema applies it, to the whole value (_fits)."""
+    return f"^(?:{pattern})$"
+
+
+def _typed(schema):
+    """Give a parser the JSON Schema of its values in PATCH /config."""
+    def mark(parse):
+        parse.schema = schema
+        return parse
+    return mark
+
+
+@_typed({"type": "string", "pattern": _anchored(
+    rf"\[[0-9A-Fa-f:.]+\]:{PORT_PATTERN}|[A-Za-z0-9.-]*:{PORT_PATTERN}")})
 def _parse_listen(text):
     """'host:port' or '[ipv6]:port' -> (host, port); port 0 means any free port."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.\-]*):(\d{1,5})", text)
@@ -190,6 +226,7 @@ def _parse_listen(text):
     return text
 
 
+@_typed({"type": "boolean"})
 def _parse_bool(text):
     value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
     if value is None:
@@ -197,12 +234,14 @@ def _parse_bool(text):
     return value
 
 
+@_typed({"type": "string", "pattern": _anchored("0?[0-7]{3}")})
 def _parse_umask(text):
     if not re.fullmatch(r"0?[0-7]{3}", text):
         raise ValueError("expected an octal file mode creation mask such as 027")
     return int(text, 8)
 
 
+@_typed({"type": "string", "enum": ["debug", "info", "warning", "error"]})
 def _parse_level(text):
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("expected debug, info, warning or error")
@@ -218,6 +257,8 @@ def _parse_positive(kind, low, high):
         if value is None or not low <= value <= high:
             raise ValueError(f"expected a number from {low} to {high}")
         return value
+    parse.schema = {"type": "integer" if kind is int else "number",
+                    "minimum": low, "maximum": high}
     return parse
 
 
@@ -230,9 +271,15 @@ def _parse_account(lookup, what):
             except KeyError:
                 raise ValueError(f"no such {what} on this system") from None
         return text
+    parse.schema = {"type": "string"}
     return parse
 
 
+#: What GET /config shows for a token, and PATCH takes back for "unchanged".
+REDACTED = "***"
+
+
+@_typed({"type": "string", "pattern": _anchored(r"[A-Za-z0-9._~+/=-]*|\*\*\*")})
 def _parse_token(text):
     # The token travels in an HTTP header: visible ASCII only (RFC 6750 b64token).
     if not re.fullmatch(r"[A-Za-z0-9\-._~+/=]*", text):
@@ -240,6 +287,7 @@ def _parse_token(text):
     return text
 
 
+@_typed({"type": "string"})
 def _parse_path(text):
     return text
 
@@ -277,6 +325,12 @@ def _is_address(name):
         return False
 
 
+#: an entry of allowed_hosts: *, or HOST[:PORT] as _split_host reads it.
+HOST_ENTRY = (rf"\*|(?:[A-Za-z0-9.-]+|\[{_ipv6_pattern()}\])(?::{PORT_PATTERN})?")
+
+
+@_typed({"type": "string", "pattern": _anchored(
+    rf"[ ,]*(?:(?:{HOST_ENTRY})(?:[ ,]+(?:{HOST_ENTRY}))*)?[ ,]*")})
 def _parse_hosts(text):
     """allowed_hosts: entries HOST or HOST:PORT, or *, separated by commas or
     spaces -> a tuple of (name, port); () asks for the default (_derive_hosts)."""
@@ -319,7 +373,8 @@ DEFAULTS = {
                     "and to this group (default: the user's)"),
     "chroot": Option("", _parse_path, False, "chroot into this directory after opening files"),
     "token": Option("", _parse_token, True,
-                    "if set, every request but /health needs 'Authorization: Bearer TOKEN'"),
+                    "if set, every request but /health needs 'Authorization: Bearer TOKEN' "
+                    "(a browser signs in with any user name and TOKEN as password)"),
     "allowed_hosts": Option("", _parse_hosts, True,
                             "names clients may call notesd by (Host) and origins that may "
                             "write: HOST or HOST:PORT, comma- or space-separated, * for any "
@@ -453,10 +508,13 @@ class Config:
         return config
 
     def replace(self, changes, source="PATCH /config"):
-        """A new Config with `changes` ({key: text}) validated and applied."""
+        """A new Config with `changes` validated and applied: {key: value},
+        values of the JSON types GET /config shows (_from_json)."""
         values = dict(self._values)
-        for key, text in changes.items():
-            values[key] = _validate(key, text, source)
+        for key, value in changes.items():
+            if key == "token" and value == REDACTED:  # as public() shows it: unchanged
+                continue
+            values[key] = _validate(key, _from_json(key, value, source), source)
         _derive_hosts(values)
         return Config(values, self.path, self.overrides)
 
@@ -479,7 +537,7 @@ class Config:
         out["umask"] = format(out["umask"], "04o")
         out["allowed_hosts"] = _show_hosts(out["allowed_hosts"])
         if out["token"]:
-            out["token"] = "***"
+            out["token"] = REDACTED
         return out
 
     @property
@@ -508,17 +566,53 @@ def _read_ini(path):
 def _validate(key, text, source):
     if key not in DEFAULTS:
         raise _unknown_key(key, source)
-    if isinstance(text, bool):
-        text = "yes" if text else "no"
-    elif isinstance(text, (int, float)):
-        text = str(text)
-    if not isinstance(text, str):
-        raise ConfigError(f"{source}: key '{key}' = {text!r}: expected a string or a number")
     try:
         return DEFAULTS[key].parse(text.strip())
     except ValueError as e:
         shown = "***" if key == "token" else text  # a near-miss token is still a secret
         raise ConfigError(f"{source}: key '{key}' = '{shown}': {e}") from None
+
+
+def _config_schema(key):
+    """The JSON Schema of a key's values (see _typed); a string by default."""
+    return getattr(DEFAULTS[key].parse, "schema", {"type": "string"})
+
+
+def _from_json(key, value, source):
+    """A JSON value for `key` (PATCH /config, or a reload: the types GET
+    /config shows) as the text its parser reads, refused unless it fits the
+    key's schema: {"token": true} must not set the token "yes", nor
+    {"log_level": null} pass a schema that says nothing of its type."""
+    if key not in DEFAULTS:
+        raise _unknown_key(key, source)
+    schema = _config_schema(key)
+    if not _fits(schema, value):
+        shown = REDACTED if key == "token" else json.dumps(value)[:100]
+        raise ConfigError(f"{source}: key '{key}' = {shown}: expected " + (
+            "true or false" if schema["type"] == "boolean" else
+            "one of " + ", ".join(schema["enum"]) if "enum" in schema else
+            f"a string matching {schema['pattern']}" if "pattern" in schema else
+            f"a JSON {schema['type']} from {schema['minimum']} to {schema['maximum']}"
+            if "minimum" in schema else f"a JSON {schema['type']}"))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(int(value) if schema["type"] == "integer" else value)
+
+
+def _fits(schema, value):
+    """Does a JSON value fit a key's schema (JSON Schema 2020-12: type, enum,
+    a pattern matched against the whole value, minimum and maximum)?"""
+    kind = schema["type"]
+    if kind == "boolean" or isinstance(value, bool):
+        return kind == "boolean" and isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str) and value in schema.get("enum", [value]) and (
+            "pattern" not in schema or re.fullmatch(schema["pattern"][1:-1], value) is not None)
+    if not isinstance(value, (int, float)):
+        return False
+    if kind == "integer" and not (isinstance(value, int) or value.is_integer()):
+        return False  # JSON Schema's integer: a number without a fraction, 5.0 too
+    return schema.get("minimum", value) <= value <= schema.get("maximum", value)
 
 
 def _unknown_key(key, source):
@@ -909,29 +1003,32 @@ class Store:
         self.rollback()
         self.db.close()
 
-    def page(self, after, limit, text=None):
+    def page(self, after, limit, text=None, backwards=False):
         """Up to `limit` notes with id > after, oldest first, text containing
         `text` (case-sensitive): the index finds the candidates, instr()
-        keeps exactly those that contain it.
+        keeps exactly those that contain it. `backwards`: those with
+        id <= after, newest first (the browsable page's "previous" link).
         Stops early, two rows or more in, once their texts pass PAGE_BYTES
         characters: JSON spells a character in a byte or more, so the HTTP
         thread, which cuts the page exactly (list_notes), could not send the
         rows after; and one row past its page tells it that more exist."""
+        side, order = ("<=", "DESC") if backwards else (">", "ASC")
         if text and self.indexes(text):
             phrase = '"' + text.replace('"', '""') + '"'  # FTS5 string: no operators
             cursor = self.db.execute(
                 "SELECT * FROM notes WHERE id IN ("
-                " SELECT rowid FROM notes_search WHERE notes_search MATCH ?1 AND rowid > ?2"
-                " UNION ALL SELECT id FROM notes_unindexed WHERE id > ?2)"
-                " AND instr(text, ?3) > 0 ORDER BY id LIMIT ?4",
+                f" SELECT rowid FROM notes_search WHERE notes_search MATCH ?1 AND rowid {side} ?2"
+                f" UNION ALL SELECT id FROM notes_unindexed WHERE id {side} ?2)"
+                f" AND instr(text, ?3) > 0 ORDER BY id {order} LIMIT ?4",
                 (phrase, after, text, limit))
         elif text:
             cursor = self.db.execute(
-                "SELECT * FROM notes WHERE id > ? AND instr(text, ?) > 0 ORDER BY id LIMIT ?",
-                (after, text, limit))
+                f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0"
+                f" ORDER BY id {order} LIMIT ?", (after, text, limit))
         else:
-            cursor = self.db.execute("SELECT * FROM notes WHERE id > ? ORDER BY id LIMIT ?",
-                                     (after, limit))
+            cursor = self.db.execute(
+                f"SELECT * FROM notes WHERE id {side} ? ORDER BY id {order} LIMIT ?",
+                (after, limit))
         rows, size = [], 0
         for row in cursor:
             rows.append(Row._make(row))
@@ -1318,14 +1415,14 @@ class MainLoop:
     # -- command handlers (main thread only) ---------------------------------
     # Writes return (reply, created?, change to the note count).
 
-    def do_list(self, after, limit, text):
+    def do_list(self, after, limit, text, backwards=False):
         scan = text and not self.store.indexes(text)
         hint = (f"a ?q= that the index cannot serve (shorter than {SEARCH_MIN} characters) "
                 "scans every note: use a longer one" if scan else
                 "narrow it (a smaller limit, a longer ?q=), or retry once the search "
                 "index has caught up with recent writes (/status: search.unindexed)")
         with self.store.budget(self.config.command_budget / 1000, hint):
-            return self.store.page(after, limit, text)
+            return self.store.page(after, limit, text, backwards)
 
     def do_get(self, note_id):
         return self.store.get(note_id)
@@ -1498,12 +1595,15 @@ class SignalRelay:
 
 Op = collections.namedtuple("Op", "handler summary statuses request response")
 
+# Statuses: what each operation itself may answer. A note's are 404 for any
+# id the route does not take (/-1/, /x/); every operation may also answer
+# COMMON_STATUSES.
 NOTE_OPS = {
     "GET": Op("get_note", "Get a note (with an ETag)", (200, 404), None, "Note"),
     "PUT": Op("put_note", "Replace the note, or create it with this id",
-              (200, 201, 400, 411, 412, 413, 415), "NoteText", "Note"),
+              (200, 201, 400, 404, 411, 412, 413, 415), "NoteText", "Note"),
     "DELETE": Op("delete_note", "Delete the note, whether or not it exists",
-                 (204, 412), None, None),
+                 (204, 404, 412), None, None),
 }
 
 #: (OpenAPI path, regular expression, {method: Op}).
@@ -1511,8 +1611,9 @@ ROUTES = [
     ("/", r"/", {
         "GET": Op("list_notes", "List notes, oldest first; ?limit=N&after=ID&q=TEXT",
                   (200, 400), None, "NoteList"),
-        "POST": Op("create_note", "Create a note (JSON, form or multipart body)",
-                   (201, 400, 411, 413, 415), "NoteText", "Note"),
+        "POST": Op("create_note", "Create a note (JSON, form or multipart body); a "
+                   "browser's form post gets 303 See Other to the note's page",
+                   (201, 303, 400, 411, 413, 415, 507), "NoteText", "Note"),
     }),
     ("/{id}/", r"/([0-9]+)/", NOTE_OPS),
     ("/{id}", r"/([0-9]+)", NOTE_OPS),
@@ -1525,8 +1626,8 @@ ROUTES = [
     }),
     ("/config", r"/config", {
         "GET": Op("get_config", "The live configuration, token redacted", (200,), None, "Config"),
-        "PATCH": Op("patch_config", "Change live keys; all or nothing",
-                    (200, 400, 409, 411, 413, 415), "Config", "Config"),
+        "PATCH": Op("patch_config", "Change live keys; all or nothing (409 for the "
+                    "others, readOnly here)", (200, 400, 409, 411, 413), "Config", "Config"),
     }),
     ("/openapi.json", r"/openapi\.json", {
         "GET": Op("openapi", "This document", (200,), None, None),
@@ -1536,6 +1637,14 @@ ROUTES = [
 ROUTE_TABLE = [(re.compile(regex), methods, ", ".join(sorted({"HEAD", "OPTIONS", *methods})))
                for _, regex, methods in ROUTES]
 
+#: Methods that change nothing (RFC 9110 9.2.1): no Origin check for them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+#: The bodies an HTML form sends (HTML 4.10.21.7), and the methods its
+#: _method field may ask for (ApiHandler.form_method).
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+FORM_METHODS = frozenset({"PUT", "DELETE", "PATCH"})
+#: The ?done= of the page a browser's form post leads to, by its method.
+DONE = {"POST": "created", "PUT": "saved", "DELETE": "deleted", "PATCH": "changed"}
 #: A Host header we are willing to echo into URLs (RFC 9110 7.2; RFC 3986 3.2.2).
 HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 #: The largest id SQLite can store; a larger one names no note.
@@ -1581,7 +1690,8 @@ NUMBER_CAP = 2**63
 #: Cc: C0, DEL and C1) but tab, LF and CR, the characters XML 1.0 (2.2) keeps
 #: out of text. json.dumps spells each in six bytes (\u0001), so a 1 MiB note
 #: made a 6 MiB reply (issue 9), and a terminal acts on them (ESC, CSI).
-CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CONTROL_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 
 
 def client_number(text):
@@ -1594,6 +1704,8 @@ def client_number(text):
         return None
     digits = text.lstrip("0") or "0"
     return NUMBER_CAP if len(digits) > len(str(NUMBER_CAP)) else min(int(digits), NUMBER_CAP)
+
+
 #: An HTTP/1.x version (RFC 9112 2.3).
 VERSION_RE = re.compile(r"HTTP/1\.(\d)")
 
@@ -2082,11 +2194,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         # on this connection (request smuggling): read_body() clears this, and
         # respond() closes the connection if it is still set.
         self.body_unread = self.body_framing not in (None, 0)
+        self.fields = self.method = None  # read_fields(), route()
         try:
             path, _, query = self.path.partition("?")
+            path = _decode_unreserved(path)
             self.authorize(config, path)
             handler, args = self.route(path)
             status, payload, headers = handler(*args, query)
+            if self.command == "POST" and status < 300 and self.is_form() and self.wants_html():
+                status, payload, headers = self.see_other(path, headers)
         except NotesdError as e:
             log.debug("%s %s: %d %s", self.command, self.path, e.status, e)
             status, payload, headers = e.status, {"message": str(e)}, e.headers
@@ -2104,6 +2220,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
 
+    def __getattr__(self, name):
+        # Any other method (TRACE, CONNECT, QUERY ...): BaseHTTPRequestHandler
+        # looks for do_METHOD and answers 501 without Allow where there is
+        # none. route() answers it as any method a resource does not take:
+        # 405 with Allow (RFC 9110 15.5.6), as the README says.
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
+
     def route(self, path):
         for pattern, methods, allow in ROUTE_TABLE:
             match = pattern.fullmatch(path)
@@ -2111,11 +2236,40 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 method = "GET" if self.command == "HEAD" else self.command
                 if method == "OPTIONS":
                     return (lambda query: (204, None, [("Allow", allow)])), ()
+                if method == "POST" and method not in methods and self.is_form():
+                    method = self.form_method(methods)
                 if method not in methods:
                     raise _http_error(405, f"{self.command} is not allowed on {path}",
                                       ("Allow", allow))
+                self.method = method
                 return getattr(self, methods[method].handler), match.groups()
         raise _http_error(404, f"no such resource: {path}")
+
+    def form_method(self, methods):
+        """The method a browser's form asks for in its `_method` field: HTML
+        forms send only GET and POST (HTML 4.10.18.6), so the page's edit,
+        delete and patch forms post `_method=PUT`, `DELETE` or `PATCH`, and
+        the form's `text` field is the body. The form must be notesd's own
+        page (check_own_page): another site's form may post here too. POST
+        (then 405) if the field names no method this resource takes."""
+        method = self.read_fields().get("_method", "").upper()
+        if method not in FORM_METHODS or method not in methods:
+            return "POST"
+        self.check_own_page(self.server.config, "a form's _method")
+        return method
+
+    def check_own_page(self, config, what):
+        """CSRF: a browser makes some writes by itself, for any page that asks,
+        with what it holds for notesd (the Basic credentials it remembers).
+        Those need notesd's own page behind them: an Origin, or else a Referer,
+        in allowed_hosts (OWASP, "verifying origin with standard headers").
+        authorize() refused a foreign Origin already; this refuses none too."""
+        source = self.headers.get("origin") or self.headers.get("referer")
+        if source is None or not _origin_allowed(source, config.allowed_hosts,
+                                                 self.headers.get("host"),
+                                                 self.server.server_port):
+            raise _http_error(403, f"{what} needs an Origin or Referer header naming an "
+                              "origin in 'allowed_hosts': a page of notesd's own")
 
     def authorize(self, config, path):
         host = self.headers.get("host")
@@ -2126,7 +2280,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               f"{host[:100]!r}. Add it to 'allowed_hosts' in the [notesd] "
                               "section of the config file, then reload")
         origin = self.headers.get("origin")
-        if origin is not None and self.command not in ("GET", "HEAD", "OPTIONS") and \
+        if origin is not None and self.command not in SAFE_METHODS and \
                 not _origin_allowed(origin, config.allowed_hosts, host, self.server.server_port):
             # A browser sends Origin with every cross-site POST: a web page
             # must not write to a notesd on the visitor's machine (CSRF).
@@ -2139,11 +2293,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               "(or run with --token SECRET), restart or reload, and send "
                               "'Authorization: Bearer SECRET'")
         if config.token and path != "/health":
-            scheme, _, given = self.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    given.strip().encode(), config.token.encode()):
-                raise _http_error(401, "a valid 'Authorization: Bearer TOKEN' header is required",
-                                  ("WWW-Authenticate", 'Bearer realm="notesd"'))
+            scheme, given = _presented_token(self.headers.get("authorization", ""))
+            if not hmac.compare_digest(given, config.token.encode()):
+                # A browser asks its user only when challenged with a scheme it
+                # knows, Basic (RFC 7617); then it sends the token with every
+                # load of the page, link and reload. API clients use Bearer.
+                challenge = "Basic" if _prefers_html(self.headers.get("accept", "")) else "Bearer"
+                raise _http_error(401, "a valid token is required: 'Authorization: Bearer "
+                                  "TOKEN', or in a browser, any user name and the token as "
+                                  "password", ("WWW-Authenticate", f'{challenge} realm="notesd"'))
+            if scheme == "basic" and self.command not in SAFE_METHODS:
+                self.check_own_page(config, "a write signed in with Basic")
 
     # -- endpoints: each returns (status, payload, headers) ----------------
 
@@ -2152,6 +2312,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         limit = _int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         after = _int_param(params, "after", 0, 0, SQLITE_MAX_INT)
         text = params.get("q") or None
+        if text and CONTROL_RE.search(text):
+            # No note holds one, and FTS5 reads a NUL as the end of its query
+            # ("unterminated string"): a storage error, not the client's.
+            raise _http_error(400, "'q' holds a control character; notes hold none but "
+                              "tab, LF and CR")
         rows = self.server.loop.submit("list", after, limit + 1, text)
         base, headers = self.base_url(), []
         notes, parts, size = [], [], 2
@@ -2163,11 +2328,22 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 break
             notes.append(note)
             parts.append(part)
+        pages = {}  # what the browsable page links to as next and previous
         if len(rows) > len(notes):  # rows left over: another page exists (RFC 8288)
             following = {"after": notes[-1]["id"], "limit": limit,
                          **({"q": text} if text else {})}
-            headers.append(("Link", f'<{base}/?{urllib.parse.urlencode(following)}>; rel="next"'))
-        return 200, EncodedList(notes, f"[{', '.join(parts)}]\n".encode()), headers
+            pages["next"] = f"{base}/?{urllib.parse.urlencode(following)}"
+            headers.append(("Link", f'<{pages["next"]}>; rel="next"'))
+        if after and self.wants_html():
+            # The page that ends at `after`: the `limit` notes up to it, newest
+            # first; it starts after the one before the oldest of them.
+            earlier = self.server.loop.submit("list", after, limit, text, True)
+            if earlier:
+                back = {"after": earlier[-1].id - 1, "limit": limit, **({"q": text} if text else {})}
+                if not back["after"]:
+                    del back["after"]
+                pages["prev"] = f"{base}/?{urllib.parse.urlencode(back)}"
+        return 200, EncodedList(notes, f"[{', '.join(parts)}]\n".encode(), pages), headers
 
     def create_note(self, query):
         row, _, _ = self.server.loop.submit("create", self.read_text())
@@ -2226,11 +2402,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.config.public(), ()
 
     def patch_config(self, query):
-        changes = _parse_json_object(self.read_body(), "the configuration patch")
+        # From the page's form (form_method), the patch is its text field.
+        body = self.read_text().encode() if self.command == "POST" else self.read_body()
+        changes = _parse_json_object(body, "the configuration patch")
         return 200, self.server.loop.submit("patch_config", changes), ()
 
     def openapi(self, query):
-        return 200, openapi_document(), ()
+        return 200, openapi_document(bool(self.server.config.token)), ()
 
     # -- request bodies ----------------------------------------------------
 
@@ -2266,20 +2444,26 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.body_unread = False
         return body
 
+    def read_fields(self):
+        """The fields of a JSON, form or multipart body, read and parsed once:
+        form_method() reads them before the handler does."""
+        if self.fields is None:
+            body = self.read_body()
+            content_type = self.headers.get("content-type", JSON_TYPE)
+            parse = BODY_PARSERS.get(content_type.partition(";")[0].strip().lower())
+            if parse is None:
+                raise _http_error(415, f"unsupported Content-Type {content_type!r}; use "
+                                  + ", ".join(BODY_PARSERS))
+            try:
+                self.fields = parse(body, content_type)
+            except (ValueError, LookupError, RecursionError, email.errors.MessageError) as e:
+                # UnicodeDecodeError is a ValueError; LookupError is an unknown charset.
+                raise _http_error(400, f"malformed body: {e}") from None
+        return self.fields
+
     def read_text(self):
         """The note text from a JSON, form or multipart body."""
-        body = self.read_body()
-        content_type = self.headers.get("content-type", JSON_TYPE)
-        parse = BODY_PARSERS.get(content_type.partition(";")[0].strip().lower())
-        if parse is None:
-            raise _http_error(415, f"unsupported Content-Type {content_type!r}; use "
-                              + ", ".join(BODY_PARSERS))
-        try:
-            fields = parse(body, content_type)
-        except (ValueError, LookupError, RecursionError, email.errors.MessageError) as e:
-            # UnicodeDecodeError is a ValueError; LookupError is an unknown charset.
-            raise _http_error(400, f"malformed body: {e}") from None
-        text = fields.get("text")
+        text = self.read_fields().get("text")
         if not isinstance(text, str):
             raise _http_error(400, "the body needs a 'text' field holding a string")
         try:
@@ -2302,6 +2486,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             body, content_type = b"", None
         elif self.wants_html():
             body, content_type = render_page(self, status, payload, headers), HTML_TYPE
+            headers = [*headers, *PAGE_HEADERS]
         elif isinstance(payload, EncodedList):
             body, content_type = payload.encoded, JSON_TYPE
         else:
@@ -2386,10 +2571,29 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.respond(code, {"message": message or _phrase(code)})
 
     def wants_html(self):
+        """Does the client prefer HTML (a browser), and not ask for the JSON
+        itself with ?format=json (the page's "raw JSON" link)?"""
         headers = getattr(self, "headers", None)
-        if self.command not in ("GET", "HEAD") or headers is None:
+        # No command: the request line was refused, and the headers (if any)
+        # are the last request's; its error is JSON.
+        if self.command is None or headers is None or \
+                not _prefers_html(headers.get("accept", "")):
             return False
-        return _prefers_html(headers.get("accept", ""))
+        return "format=json" not in self.path.partition("?")[2].split("&")
+
+    def is_form(self):
+        """Is the body what an HTML form sends?"""
+        content_type = self.headers.get("content-type", "")
+        return content_type.partition(";")[0].strip().lower() in FORM_TYPES
+
+    def see_other(self, path, headers):
+        """Post/Redirect/Get: a browser's form post is answered 303 See Other
+        (RFC 9110 15.4.4) with the page to show next, which says what was
+        done (?done=): a reload then shows that page again, and does not
+        post the form twice."""
+        target = dict(headers).get("Location") or self.base_url() + (
+            "/" if self.method == "DELETE" else path)
+        return 303, None, [("Location", f"{target}?done={DONE[self.method]}")]
 
     def base_url(self):
         host = self.headers.get("host", "")
@@ -2404,13 +2608,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 class EncodedList(list):
     """A payload whose JSON is made already: list_notes() encodes a page note
     by note to stop at PAGE_BYTES, and respond() sends those bytes rather
-    than encode the page twice. The browsable view reads it as the list."""
+    than encode the page twice. The browsable view reads it as the list,
+    and links to `pages` ({"next": url, "prev": url}, as there are)."""
 
-    __slots__ = ("encoded",)
+    __slots__ = ("encoded", "pages")
 
-    def __init__(self, items, encoded):
+    def __init__(self, items, encoded, pages=None):
         super().__init__(items)
         self.encoded = encoded
+        self.pages = pages or {}
 
 
 def _note_json(row, base):
@@ -2520,12 +2726,39 @@ def _is_loopback(address):
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
+#: RFC 3986 2.3: the characters a URI means the same by, percent-encoded or not.
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(path):
+    """`path` with its percent-encoded unreserved characters decoded (RFC 3986
+    6.2.2.2), so /%31/ routes as /1/, as the seed's Werkzeug routes it. Any
+    other escape stays as it is: %2F is no path separator, %3F no query."""
+    if "%" not in path:
+        return path
+    def decode(match):
+        char = chr(int(match.group(1), 16))
+        return char if char in UNRESERVED else match.group()
+    return PERCENT_RE.sub(decode, path)
+
+
+def _first_values(pairs):
+    """{name: value} of (name, value) pairs, a repeated name keeping its first
+    value: what Werkzeug's MultiDict.get gives, so a form the seed's Flask-API
+    app stored "first" from (text=first&text=second) stores "first" here."""
+    fields = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    return fields
+
+
 def _query(query):
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
     except (ValueError, UnicodeDecodeError) as e:
         raise _http_error(400, f"bad query string: {e}") from None
-    return dict(pairs)
+    return _first_values(pairs)
 
 
 def _int_param(params, name, default, low, high):
@@ -2536,6 +2769,24 @@ def _int_param(params, name, default, low, high):
     if number is None or not low <= number <= high:
         raise _http_error(400, f"'{name}' must be a whole number from {low} to {high}")
     return number
+
+
+def _presented_token(authorization):
+    """(scheme, token) of an Authorization header: 'Bearer TOKEN' (RFC 6750
+    2.1), or 'Basic' with the token as password and any user name (RFC 7617
+    2), which a browser asks its user for; (scheme, b"") for anything else.
+    The caller compares the token in constant time, whatever the scheme."""
+    scheme, _, value = authorization.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return scheme, value.strip().encode()
+    if scheme == "basic":
+        try:
+            user_password = base64.b64decode(value.strip(), validate=True)
+        except ValueError:  # binascii.Error
+            return scheme, b""
+        return scheme, user_password.partition(b":")[2]
+    return scheme, b""
 
 
 def _prefers_html(accept):
@@ -2566,8 +2817,8 @@ def _parse_json_object(body, what="the body"):
 
 
 def _form_fields(body, content_type):
-    return dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                       errors="strict", max_num_fields=MAX_FORM_FIELDS))
+    return _first_values(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                                errors="strict", max_num_fields=MAX_FORM_FIELDS))
 
 
 def _multipart_fields(body, content_type):
@@ -2613,7 +2864,8 @@ def _multipart_field(fields, head, content):
             content = binascii.a2b_base64(content)
         elif encoding == "quoted-printable":
             content = binascii.a2b_qp(content)
-        fields[name] = str(content, part.get_content_charset("utf-8"))
+        # the first of a repeated field, as _first_values keeps it
+        fields.setdefault(name, str(content, part.get_content_charset("utf-8")))
 
 
 def _json_fields(body, content_type):
@@ -2631,57 +2883,109 @@ BODY_PARSERS = {
 # Browsable HTML & OpenAPI ####################################################
 ###############################################################################
 
+#: The page's style and script, each allowed by its hash in PAGE_HEADERS.
+PAGE_STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;max-width:62em;margin:1.5em auto;padding:0 1em;color:#222}
+h1{font-size:1.3em}h1 a{color:inherit;text-decoration:none}
+nav a{display:inline-block;padding:.6em .4em;margin-right:.6em}
+pre{background:#f6f6f4;border:1px solid #ddd;padding:.8em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}
+.req{font-family:monospace;font-size:1.05em;overflow-wrap:anywhere}.s2{color:#185}.s4,.s5{color:#b22}
+form{margin:1em 0;padding:.8em;border:1px solid #ddd}label{display:block;font-weight:bold;margin-bottom:.3em}
+textarea{box-sizing:border-box;width:100%;min-height:6em;font:inherit}
+button{min-height:44px;min-width:44px;padding:0 1.2em;margin-top:.5em;font:inherit}
+output{display:block;margin-top:.5em;color:#b22;white-space:pre-wrap;overflow-wrap:anywhere}
+output:empty{display:none}.notice{border:1px solid #185;background:#eef7f1;padding:.6em .8em}
+"""
+PAGE_SCRIPT = """
+// Every form works without this script: a plain POST, whose _method field
+// names PUT, DELETE or PATCH. With it, Delete asks first, and a refused
+// request keeps the page and says why right under the button.
+const done={POST:'created',PUT:'saved',DELETE:'deleted',PATCH:'changed'};
+for(const f of document.forms)f.addEventListener('submit',async e=>{
+  const m=f.elements._method?f.elements._method.value:'POST',t=f.elements.text,
+    out=f.querySelector('output');
+  if(m==='DELETE'&&!confirm('Delete this note?')){e.preventDefault();return;}
+  if(!window.fetch)return;
+  e.preventDefault();out.textContent='';
+  const h={'Accept':'application/json'};let body;
+  if(t){h['Content-Type']='application/json';
+    body=m==='PATCH'?t.value:JSON.stringify({text:t.value});}
+  try{
+    const r=await fetch(f.action,{method:m,headers:h,body:body});
+    if(r.status===401){f.submit();return;}  // the browser asks for the token
+    if(r.ok){location.href=(m==='DELETE'?'/':r.headers.get('Location')||location.pathname)
+      +'?done='+done[m];return;}
+    let why=r.statusText;try{why=(await r.json()).message;}catch(x){}
+    out.textContent=r.status+' '+why;
+  }catch(x){out.textContent='no answer: '+x.message;}
+  out.scrollIntoView({block:'nearest'});
+});
+"""
+
+
+def _csp_hash(text):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+#: The headers of every HTML page. Clickjacking: a page on another local port
+#: framed /config, and one click on its Patch button changed log_level. No
+#: page may be framed (CSP frame-ancestors; X-Frame-Options for browsers
+#: before CSP 2), only the page's own script and style run (by hash: no nonce
+#: to make per page), forms post only to notesd, and links leave no Referer
+#: elsewhere. JSON replies go without: nothing in them can be clicked, and a
+#: frame, as any page load, asks for text/html and gets the page.
+PAGE_HEADERS = (
+    ("Content-Security-Policy", f"default-src 'none'; script-src {_csp_hash(PAGE_SCRIPT)}; "
+                                f"style-src {_csp_hash(PAGE_STYLE)}; img-src data:; "
+                                "connect-src 'self'; form-action 'self'; base-uri 'none'; "
+                                "frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+)
+#: The page's icon, in the page: browsers ask for /favicon.ico otherwise.
+PAGE_ICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'"
+             "%3E%3Crect width='16' height='16' rx='3' fill='%23185'/%3E%3C/svg%3E")
+
 PAGE = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>notesd: $path</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:15px/1.45 system-ui,sans-serif;max-width:62em;margin:1.5em auto;padding:0 1em;color:#222}
-h1{font-size:1.3em}h1 a{color:inherit;text-decoration:none}
-pre{background:#f6f6f4;border:1px solid #ddd;padding:.8em;overflow:auto;white-space:pre-wrap}
-.req{font-family:monospace;font-size:1.05em}.s2{color:#185}.s4,.s5{color:#b22}
-form{margin:1em 0;padding:.8em;border:1px solid #ddd}textarea{width:100%;min-height:5em}
-nav a{margin-right:1em}#out:empty{display:none}
-</style></head><body>
+<link rel="icon" href="$icon">
+<style>$style</style></head><body>
 <h1><a href="/">notesd</a> $version</h1>
 <nav><a href="/">notes</a><a href="/status">status</a><a href="/health">health</a><a
 href="/config">config</a><a href="/openapi.json">openapi.json</a></nav>
-<p class="req">$method $target</p>
+$notice$before<p class="req">$method $target$raw</p>
 <pre class="s$cls">HTTP/1.1 $status $phrase
 $headers</pre>
-<pre>$body</pre>
-$forms
-<p>Token (if the server needs one): <input id="token" type="password" size="30"></p>
-<pre id="out"></pre>
-<script>
-const tok=document.getElementById('token');tok.value=sessionStorage.getItem('notesd-token')||'';
-tok.onchange=()=>sessionStorage.setItem('notesd-token',tok.value);
-async function send(method,url,body){
-  const h={'Accept':'application/json'};
-  if(tok.value)h['Authorization']='Bearer '+tok.value;
-  if(body!==undefined)h['Content-Type']='application/json';
-  const r=await fetch(url,{method:method,headers:h,body:body});
-  document.getElementById('out').textContent=r.status+' '+r.statusText+'\\n'+await r.text();
-  if(r.ok)location.href=method==='DELETE'?'/':(r.headers.get('Location')||location.href);
-}
-for(const f of document.querySelectorAll('form[data-method]'))f.onsubmit=e=>{
-  e.preventDefault();const v=f.elements.text.value;
-  send(f.dataset.method,f.dataset.url,f.dataset.raw?v:JSON.stringify({text:v}));};
-for(const b of document.querySelectorAll('button[data-delete]'))
-  b.onclick=()=>confirm('Delete this note?')&&send('DELETE',b.dataset.delete);
-</script></body></html>
+$pager$body$pager$after<script>$script</script></body></html>
 """)
 
-#: Forms shown under a page, by the kind of page.
+#: The forms of a page, by its kind. A newline follows each <textarea>, as
+#: browsers drop the first one there (HTML 13.2.6.4.7): a note's own leading
+#: newline survives Save. Each form ends in the <output> the script writes to.
 FORMS = {
-    "list": '<form data-method="POST" data-url="/"><b>New note</b>'
-            '<textarea name="text"></textarea><button>Create</button></form>',
-    "note": '<form data-method="PUT" data-url="$url"><b>Edit note</b>'
-            '<textarea name="text">$text</textarea><button>Save</button> '
-            '<button type="button" data-delete="$url">Delete</button></form>',
-    "config": '<form data-method="PATCH" data-url="/config" data-raw="1"><b>Change live '
-              'settings</b> (JSON object)<textarea name="text">{"log_level": "debug"}'
-              '</textarea><button>Patch</button></form>',
+    "list": '<form method="post" action="/">\n'
+            '<label for="text">New note</label>\n'
+            '<textarea id="text" name="text">\n$text</textarea>\n'
+            '<button>Create</button>\n<output></output>\n</form>\n',
+    "note": '<form method="post" action="$url">\n'
+            '<input type="hidden" name="_method" value="PUT">\n'
+            '<label for="text">Edit note</label>\n'
+            '<textarea id="text" name="text">\n$text</textarea>\n'
+            '<button>Save</button>\n<output></output>\n</form>\n'
+            '<form method="post" action="$url">\n'
+            '<input type="hidden" name="_method" value="DELETE">\n'
+            '<button>Delete</button>\n<output></output>\n</form>\n',
+    "config": '<form method="post" action="/config">\n'
+              '<input type="hidden" name="_method" value="PATCH">\n'
+              '<label for="text">Change live settings (a JSON object)</label>\n'
+              '<textarea id="text" name="text">\n$text</textarea>\n'
+              '<button>Patch</button>\n<output></output>\n</form>\n',
 }
+#: What a page says after a form post led to it (?done=): our own words only.
+NOTICES = {"created": "Note created.", "saved": "Note saved.", "deleted": "Note deleted.",
+           "changed": "Configuration changed."}
 
 _LINK_RE = re.compile(r"&quot;(https?://[^&\s]+)&quot;")
 
@@ -2689,26 +2993,67 @@ _LINK_RE = re.compile(r"&quot;(https?://[^&\s]+)&quot;")
 def render_page(handler, status, payload, headers):
     """The browsable page: request, status, headers, the JSON with its links
     clickable, and forms for the resource. Everything user-provided is escaped."""
-    text = html.escape(json.dumps(payload, indent=2, ensure_ascii=False))
-    text = _LINK_RE.sub(r'&quot;<a href="\1">\1</a>&quot;', text)
-    path = handler.path.partition("?")[0]
-    forms = ""
-    if status < 400 and path == "/":
-        forms = FORMS["list"]
-    elif status < 400 and path == "/config":
-        forms = FORMS["config"]
-    elif status < 400 and isinstance(payload, dict) and "text" in payload:
-        forms = string.Template(FORMS["note"]).substitute(
-            url=html.escape(path), text=html.escape(payload["text"]))
+    path, _, query = handler.path.partition("?")
+    path = _decode_unreserved(path)
+    if path == "/openapi.json" and status == 200:
+        body = _operation_list(payload)  # the raw JSON is a link away
+    else:
+        text = html.escape(json.dumps(payload, indent=2, ensure_ascii=False))
+        body = "<pre>" + _LINK_RE.sub(r'&quot;<a href="\1">\1</a>&quot;', text) + "</pre>\n"
+    forms = _page_forms(handler, status, payload, path)
+    # Read leniently: the resource may ignore its query, however malformed.
+    done = re.search(r"(?:^|&)done=(\w+)(?:&|$)", query) if status < 400 else None
+    done = done and NOTICES.get(done.group(1))
     # The headers the JSON answer carries (its length aside).
     shown = [("Server", handler.server_version), ("Date", http_date()),
              ("Content-Type", JSON_TYPE), *headers]
+    pages = getattr(payload, "pages", None)
+    raw = handler.command in ("GET", "HEAD") and (  # the JSON itself, in the browser
+        f"{path}?{query}&format=json" if query else f"{path}?format=json")
+    pager = "".join(f'<a rel="{rel}" href="{html.escape(pages[rel])}">{label}</a>\n'
+                    for rel, label in (("prev", "&larr; previous"), ("next", "next &rarr;"))
+                    if pages and rel in pages)
     return PAGE.substitute(
         version=__version__, method=html.escape(handler.command), path=html.escape(path),
         target=html.escape(handler.path), status=status, phrase=_phrase(status),
         cls=status // 100, headers=html.escape("\n".join(f"{k}: {v}" for k, v in shown)),
-        body=text, forms=forms).encode()
+        raw=f' &middot; <a href="{html.escape(raw)}">raw JSON</a>' if raw else "",
+        notice=f'<p class="notice" role="status">{done}</p>\n' if done else "",
+        before=forms if path == "/" else "", after="" if path == "/" else forms,
+        pager=f'<nav class="pager">\n{pager}</nav>\n' if pager else "", body=body,
+        icon=PAGE_ICON, style=PAGE_STYLE, script=PAGE_SCRIPT).encode()
 
+
+def _page_forms(handler, status, payload, path):
+    """The forms for the resource at `path`: for a note, with its text; after
+    a browser's form post that failed, the form again with what was sent,
+    so nothing typed is lost."""
+    kind = ("list" if path == "/" else "config" if path == "/config" else
+            "note" if re.fullmatch(r"/[0-9]+/?", path) else None)
+    if status >= 400:  # (no fields yet if the parser refused the request)
+        fields = getattr(handler, "fields", None) if handler.command == "POST" else None
+        text = fields.get("text") if isinstance(fields, dict) else None
+    else:
+        text = {"list": "", "config": '{"log_level": "debug"}'}.get(kind)
+        if kind == "note" and isinstance(payload, dict):
+            text = payload.get("text")
+    if kind is None or not isinstance(text, str):
+        return ""
+    return string.Template(FORMS[kind]).substitute(url=html.escape(path), text=html.escape(text))
+
+
+def _operation_list(document):
+    """/openapi.json as a page: its operations, one a line, not 3,000 lines of JSON."""
+    items = [f"<li><b>{method.upper()}</b> {html.escape(template)}: "
+             f"{html.escape(operation['summary'])}</li>"
+             for template, item in document["paths"].items()
+             for method, operation in item.items()
+             if method not in ("parameters", "head", "options")]
+    return f'<ul>\n{chr(10).join(items)}\n</ul>\n'
+
+
+#: Note text as a request may give it: no control characters but tab, LF, CR.
+TEXT_SCHEMA = {"type": "string", "pattern": f"^[^{CONTROL_CHARS}]*$"}
 
 SCHEMAS = {
     "Note": {"type": "object", "required": ["id", "url", "text", "created", "updated"],
@@ -2718,8 +3063,7 @@ SCHEMAS = {
                             "created": {"type": "string", "format": "date-time"},
                             "updated": {"type": "string", "format": "date-time"}}},
     "NoteList": {"type": "array", "items": {"$ref": "#/components/schemas/Note"}},
-    "NoteText": {"type": "object", "required": ["text"],
-                 "properties": {"text": {"type": "string"}}},
+    "NoteText": {"type": "object", "required": ["text"], "properties": {"text": TEXT_SCHEMA}},
     "Error": {"type": "object", "required": ["message"],
               "properties": {"message": {"type": "string"}}},
     "Health": {"type": "object", "required": ["status"],
@@ -2735,18 +3079,41 @@ SCHEMAS = {
                    "pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
                    "database", "notes", "requests", "queue_depth", "loop_lag_ms", "threads",
                    "rss_bytes", "reloads", "last_reload")}},
+    # GET /config shows every key; PATCH changes live ones, and answers 409
+    # for a new value of the others (readOnly: not to be sent).
     "Config": {"type": "object", "additionalProperties": False,
-               "properties": {k: {"description": o.help + ("" if o.live else " (restart)")}
-                              for k, o in DEFAULTS.items()}},
+               "properties": {k: {**_config_schema(k), "description": o.help + (
+                   "" if o.live else " (needs a restart)"), **({} if o.live else {"readOnly": True})}
+                   for k, o in DEFAULTS.items()}},
 }
 
-#: Responses any operation may give, besides its own.
-COMMON_STATUSES = (401, 403, 421, 503)
+#: Responses any operation may give, besides its own: a malformed or too
+#: large request (400, 414, 431), a stalled one (408) or one whose body has
+#: a transfer coding notesd does not know (501), before notesd knows the
+#: operation; no token (401), protected mode or a foreign Origin (403), a
+#: Host not in allowed_hosts (421), a full queue or notesd stopping (503).
+#: /health needs no token and answers any Host.
+COMMON_STATUSES = (400, 401, 403, 408, 414, 421, 431, 501, 503)
+HEALTH_STATUSES = (400, 403, 408, 414, 431, 501, 503)
+#: Response headers: {status: (name, required, description)}.
+RESPONSE_HEADERS = {
+    201: (("Location", True, "the note's URL"), ("ETag", True, "the note's entity tag")),
+    303: (("Location", True, "the page to show next"),),
+    401: (("WWW-Authenticate", True, "Bearer, or Basic for a client that prefers HTML"),),
+    503: (("Retry-After", False, "seconds to wait before trying again"),),
+}
+#: The id of a note's path: any whole number (GET: 404 but for a note; DELETE:
+#: 204, whether or not it exists); PUT, which may create it, takes 1 to MAX_ID.
+ID_PARAMETER = {"name": "id", "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": 0}}
+PUT_ID_PARAMETER = {**ID_PARAMETER, "schema": {"type": "integer", "minimum": 1,
+                                               "maximum": MAX_ID}}
 LIST_PARAMETERS = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                  "maximum": PAGE_MAX, "default": PAGE_DEFAULT}},
-    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-    {"name": "q", "in": "query", "schema": {"type": "string"},
+    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                 "maximum": SQLITE_MAX_INT}},
+    {"name": "q", "in": "query", "schema": TEXT_SCHEMA,
      "description": "only notes whose text contains this"},
 ]
 
@@ -2757,52 +3124,83 @@ def _slug(template):
     return name + ("_bare" if "{" in template and not template.endswith("/") else "")
 
 
+def _headers(code, op):
+    """The response headers of an operation's status `code`."""
+    headers = list(RESPONSE_HEADERS.get(code, ()))
+    if code == 200 and op.response == "Note":
+        headers.append(("ETag", True, "the note's entity tag"))
+    if code == 200 and op.response == "NoteList":
+        headers.append(("Link", False, 'the next page, rel="next" (RFC 8288)'))
+    if code == 204 and op.handler == "options":
+        headers.append(("Allow", True, "the methods the resource takes"))
+    return {name: {"required": required, "description": text, "schema": {"type": "string"}}
+            for name, required, text in headers}
+
+
 def _operation(template, method, op):
     """One OpenAPI operation object, read off an Op of the route table."""
     def content(schema):
         return {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    common = HEALTH_STATUSES if template == "/health" else COMMON_STATUSES
     responses = {}
-    for code in sorted({*op.statuses, *COMMON_STATUSES}):
+    for code in sorted({*op.statuses, *common}):
         response = {"description": _phrase(code)}
-        schema = op.response if code < 300 else "Error"
+        schema = op.response if code < 300 else "Error" if code >= 400 else None
         if code != 204 and schema and method != "HEAD":
             response["content"] = content(schema)
+        headers = _headers(code, op)
+        if headers:
+            response["headers"] = headers
         responses[str(code)] = response
     operation = {"summary": op.summary, "operationId": f"{method.lower()}_{_slug(template)}",
                  "responses": responses}
-    if "{id}" in template:
-        operation["parameters"] = [{"name": "id", "in": "path", "required": True,
-                                    "schema": {"type": "integer", "minimum": 0}}]
     if op.handler == "list_notes":
         operation["parameters"] = LIST_PARAMETERS
+    if op.handler in ("put_note", "delete_note"):
+        operation["description"] = ("If-Match (RFC 9110 13.1.1): 412 unless the note's ETag "
+                                    "is one of its tags, or it is * and the note exists")
+    if op.handler == "put_note":
+        operation["parameters"] = [PUT_ID_PARAMETER]
     if op.request:
         body = content(op.request)
         if op.request == "NoteText":
-            for form in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            for form in FORM_TYPES:
                 body[form] = body[JSON_TYPE]
         operation["requestBody"] = {"required": True, "content": body}
     return operation
 
 
-def openapi_document():
-    """The OpenAPI 3.1 description of every route the server answers."""
+@functools.lru_cache(maxsize=2)
+def openapi_document(token_required):
+    """The OpenAPI 3.1 description of every route the server answers; what
+    authentication it requires follows the key `token` (RFC 9110 11)."""
     paths = {}
     for template, _, methods in ROUTES:
         item = {m.lower(): _operation(template, m, op) for m, op in methods.items()}
         item["head"] = _operation(template, "HEAD", methods["GET"])
-        item["options"] = {"summary": "Allowed methods",
-                           "operationId": f"options_{_slug(template)}",
-                           "responses": {"204": {"description": "No Content"}}}
+        options = Op("options", "Allowed methods", (204, 404) if "{id}" in template else (204,),
+                     None, None)
+        item["options"] = _operation(template, "OPTIONS", options)
+        if "{id}" in template:
+            item = {"parameters": [ID_PARAMETER], **item}
+        if token_required and template == "/health":
+            for operation in item.values():
+                operation["security"] = []
         paths[template] = item
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "notesd", "version": __version__,
-                 "description": "Notes REST API of the notesd daemon."},
+                 "description": "Notes REST API of the notesd daemon. A client that prefers "
+                                "text/html (a browser) gets every resource as a page."},
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{}, {"bearer": []}],
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "basic": {"type": "http", "scheme": "basic",
+                      "description": "any user name, the token as password"}}},
     }
+    if token_required:
+        document["security"] = [{"bearer": []}, {"basic": []}]
+    return document
 
 ###############################################################################
 # Files root touches ##########################################################

@@ -4447,6 +4447,470 @@ def test_out_of_file_descriptors_the_daemon_neither_spins_nor_stops_serving(make
     d.assert_serving()
 
 
+###############################################################################
+# The web face (issue 11) #####################################################
+###############################################################################
+# What a browser, the seed's Flask-API clients and an OpenAPI fuzzer
+# (schemathesis) found: signing in with the token, framing, forms that work
+# without script, an OpenAPI document exact enough for generated clients, and
+# the seed's form and URL habits. Browser items are checked in the HTML and
+# headers notesd sends.
+
+#: notesd.MAX_ID: the largest note id.
+MAX_ID = 2**53 - 1
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def _origin(d):
+    return "http://127.0.0.1:%d" % d.port
+
+
+def _form_post(d, path, fields, headers=None, origin=True):
+    """A browser's form post: urlencoded, Accept text/html, Origin of the page."""
+    h = dict(HTML, **{"Content-Type": "application/x-www-form-urlencoded"})
+    if origin:
+        h["Origin"] = _origin(d)
+    h.update(headers or {})
+    return d.request("POST", path, urllib.parse.urlencode(fields), h)
+
+
+def _page(d, path, headers=None):
+    r = d.get(path, headers=dict(HTML, **(headers or {})))
+    assert r.header("Content-Type", "").startswith("text/html"), r
+    return r, r.body.decode()
+
+
+def _basic(password, user="anyone"):
+    import base64
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def test_a_browser_signs_in_with_the_token_as_basic_password(make_daemon):
+    """Item 1: a browser gets a Basic challenge, so it asks once and then sends
+    the token with every load; API clients keep Bearer. The token never
+    reaches the log, however it was sent."""
+    token = "t0ken-" + os.urandom(6).hex()
+    d = make_daemon("--token", token, "--log-level", "debug")
+    note = d.request("POST", "/", {"text": "signed"}, {"Authorization": "Bearer " + token}).json()
+    r = d.get("/", headers=HTML)
+    assert r.status == 401 and r.header("WWW-Authenticate") == 'Basic realm="notesd"', r
+    assert r.header("Content-Type").startswith("text/html"), r
+    r = d.get("/")
+    assert r.status == 401 and r.header("WWW-Authenticate").startswith("Bearer "), r
+    for user in ("anyone", "", "notesd"):
+        r, page = _page(d, "/%d/" % note["id"], {"Authorization": _basic(token, user)})
+        assert r.status == 200 and "signed" in page, (user, r)
+    # the page's own fetch() asks for JSON, and the browser sends the same header
+    assert d.get("/", headers={"Authorization": _basic(token)}).status == 200
+    for wrong in (_basic("wrong"), _basic(token + "x"), "Basic !!!", "Basic " + token,
+                  "Digest " + token):
+        assert d.get("/", headers=dict(HTML, Authorization=wrong)).status == 401, wrong
+    assert d.get("/", headers={"Authorization": "Bearer " + token}).status == 200
+    # a browser sends Basic by itself, to any page's request: a write needs the
+    # page's own origin (Origin, or else Referer)
+    auth = {"Authorization": _basic(token)}
+    r = d.request("POST", "/", {"text": "no origin"}, auth)
+    assert_error(r, 403)
+    r = d.request("POST", "/", {"text": "own page"}, dict(auth, Origin=_origin(d)))
+    assert r.status == 201, r
+    r = d.request("DELETE", "/%d/" % note["id"], None, dict(auth, Referer=_origin(d) + "/1/"))
+    assert r.status == 204, r
+    d.stop()
+    log = d.log()
+    assert token not in log and _basic(token)[6:] not in log
+
+
+def _csp(r):
+    return dict(part.strip().split(None, 1) for part in
+                r.header("Content-Security-Policy", "").split(";") if part.strip())
+
+
+def test_pages_forbid_framing_and_allow_only_their_own_script(shared):
+    """Item 2: a page framed by another local port had its Patch button
+    clicked. Every HTML page says frame-ancestors 'none' (and X-Frame-Options
+    DENY), and its CSP lets only its own inline script and style run."""
+    import base64
+    import hashlib
+    note = shared.note("framed")
+    for path in ("/", "/%d/" % note["id"], "/config", "/status", "/nope", "/openapi.json"):
+        r, page = _page(shared, path)
+        csp = _csp(r)
+        assert csp.get("frame-ancestors") == "'none'", (path, csp)
+        assert r.header("X-Frame-Options") == "DENY", path
+        assert csp.get("default-src") == "'none'" and csp.get("base-uri") == "'none'", csp
+        assert csp.get("form-action") == "'self'", csp
+        for tag, key in (("script", "script-src"), ("style", "style-src")):
+            blocks = re.findall(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+            assert len(blocks) == 1, (path, tag)
+            digest = base64.b64encode(hashlib.sha256(blocks[0].encode()).digest()).decode()
+            assert csp[key] == "'sha256-%s'" % digest, (path, key, csp[key])
+        # nothing inline that such a policy would block
+        assert not re.search(r"<[^>]+\s(on\w+|style)=", page), path
+        assert "javascript:" not in page
+
+
+def test_forms_work_without_script(shared):
+    """Item 3: every form is a plain POST form; edit, delete and patch say
+    their method in _method, which is taken only from a form post whose
+    Origin (or else Referer) is notesd's own. A browser's form post is
+    answered 303 See Other, so reloading never posts twice."""
+    _, page = _page(shared, "/")
+    forms = re.findall(r"<form\b[^>]*>", page)
+    assert forms and all('method="post"' in f and 'action="/"' in f for f in forms), forms
+    text = unique("noscript")
+    r = _form_post(shared, "/", {"text": text})
+    assert r.status == 303, r
+    location = r.header("Location")
+    created = shared.get(location).json()
+    assert created["text"] == text
+    path = "/%d/" % created["id"]
+    _, page = _page(shared, path)
+    for method in ("PUT", "DELETE"):
+        form = re.search(r'<form method="post" action="%s">\s*<input type="hidden" '
+                         r'name="_method" value="%s">' % (path, method), page)
+        assert form, (method, page[:3000])
+    r = _form_post(shared, path, [("_method", "PUT"), ("text", text + " edited")])
+    assert r.status == 303 and urllib.parse.urlsplit(r.header("Location")).path == path, r
+    assert shared.get(path).json()["text"] == text + " edited"
+    # the override needs the page's own origin, as a browser names it
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {},
+                    {"Referer": "http://evil.example/"}):
+        r = _form_post(shared, path, {"_method": "DELETE"}, headers, origin=False)
+        assert r.status == 403 and b"allowed_hosts" in r.body, (headers, r)
+    r = _form_post(shared, path, {"_method": "DELETE"}, {"Referer": _origin(shared) + path},
+                   origin=False)
+    assert r.status == 303 and urllib.parse.urlsplit(r.header("Location")).path == "/", r
+    assert shared.get(path).status == 404
+    # only a form post, only a method the resource takes
+    r = shared.request("POST", "/%d/" % shared.note("json")["id"],
+                       {"_method": "DELETE", "text": "x"},
+                       {"Origin": _origin(shared)})
+    assert_error(r, 405)
+    r = _form_post(shared, "/health", {"_method": "DELETE"})
+    assert r.status == 405 and "GET" in r.header("Allow"), r
+    # an API client's form post still gets its 201 and JSON
+    r = shared.request("POST", "/", urllib.parse.urlencode({"text": "curl"}),
+                       {"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 201 and r.json()["text"] == "curl", r
+
+
+def test_config_form_patches_without_script(daemon):
+    _, page = _page(daemon, "/config")
+    assert re.search(r'<form method="post" action="/config">\s*<input type="hidden" '
+                     r'name="_method" value="PATCH">', page), page[:3000]
+    r = _form_post(daemon, "/config", {"_method": "PATCH", "text": '{"log_level": "error"}'})
+    assert r.status == 303, r
+    assert daemon.get("/config").json()["log_level"] == "error"
+    r, page = _page(daemon, r.header("Location"))
+    assert "Configuration changed" in page
+    # a failed patch shows its reason, and the form again with what was sent
+    r = _form_post(daemon, "/config", {"_method": "PATCH", "text": '{"log_level": "loud"}'})
+    assert r.status == 400 and r.header("Content-Type").startswith("text/html"), r
+    page = r.body.decode()
+    assert "one of debug, info, warning, error" in page
+    assert "{&quot;log_level&quot;: &quot;loud&quot;}</textarea>" in page
+
+
+def test_page_script_needs_no_storage(shared):
+    """Item 3: the script read sessionStorage unguarded (it throws where storage
+    is blocked) for the token box; signing in is the browser's now."""
+    for path in ("/", "/config"):
+        _, page = _page(shared, path)
+        assert "sessionStorage" not in page and "localStorage" not in page
+        assert 'id="token"' not in page  # item 8: no token box, token or not
+
+
+def test_textarea_keeps_a_leading_newline(shared):
+    """Item 4: a browser drops the first newline after <textarea>, so Save
+    without edits dropped a note's leading newline."""
+    note = shared.note("\n\nstarts with two newlines " + unique("nl"))
+    _, page = _page(shared, "/%d/" % note["id"])
+    m = re.search(r"<textarea[^>]*>(.*?)</textarea>", page, re.S)
+    assert m and m.group(1) == "\n" + note["text"], repr(m and m.group(1))
+    for path in ("/", "/config"):
+        _, page = _page(shared, path)
+        assert re.search(r"<textarea[^>]*>\n", page), path
+
+
+def test_feedback_where_the_user_looks(shared):
+    """Item 5: success is said at the top of the page a form leads to; the
+    script shows a failure next to the form's buttons (an <output> right after
+    them), not below the window."""
+    note = shared.note("feedback")
+    for done, said in (("created", "Note created"), ("saved", "Note saved")):
+        _, page = _page(shared, "/%d/?done=%s" % (note["id"], done))
+        notice = page.index(said)
+        assert notice < page.index("<pre"), done
+        assert 'role="status"' in page[page.rindex("<", 0, notice) - 40:notice]
+    _, page = _page(shared, "/?done=deleted")
+    assert page.index("Note deleted") < page.index("<pre")
+    _, page = _page(shared, "/?done=bogus")
+    assert 'class="notice"' not in page  # only notesd's own words are shown
+    for path in ("/", "/%d/" % note["id"], "/config"):
+        _, page = _page(shared, path)
+        for form in re.findall(r"<form\b.*?</form>", page, re.S):
+            assert re.search(r"<button[^>]*>[^<]*</button>\s*<output\b[^>]*></output>\s*</form>",
+                             form), form
+
+
+
+def test_a_page_whose_query_is_not_utf8_still_renders(shared):
+    """The page reads ?done= from a query its resource ignores: a query that
+    is not UTF-8 must not take the page (and the connection) down."""
+    note = shared.note("odd query")
+    for path in ("/%d/?done=%%FF" % note["id"], "/config?done=%FF&x=%C3"):
+        r, page = _page(shared, path)
+        assert r.status == 200 and 'class="notice"' not in page, (path, r)
+    shared.assert_serving()
+
+
+@pytest.mark.parametrize("second", [
+    b"NONSENSE\r\n\r\n",
+    b"POST / HTTP/1.1\r\nAccept: text/html\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\nBad Name: x\r\n\r\n"])
+def test_errors_before_a_request_is_parsed_are_answered_to_browsers(shared, second):
+    """A browser's request, then on the same connection one that the parser
+    refuses (no method, no Host, a bad header): a 400, as a page or JSON,
+    never a traceback."""
+    first = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as s:
+        s.sendall(first + second)
+        f = s.makefile("rb")
+        assert read_reply(f)[0] == 200
+        status = read_reply(f)[0]
+    assert status == 400, status
+    shared.assert_serving()
+
+def test_pages_name_their_own_icon(shared):
+    """Item 6: /favicon.ico was a 404, and a console error, on every load."""
+    for path in ("/", "/config", "/nope"):
+        r, page = _page(shared, path)
+        icon = re.search(r'<link rel="icon" href="(data:[^"]+)">', page)
+        assert icon, path
+        assert "data:" in _csp(r)["img-src"].split()
+
+
+def test_list_page_links_pages_and_puts_the_form_first(shared):
+    """Item 7: the Link header was text only, so a browser could not reach
+    page 2; and the New-note form sat under every note."""
+    marker = unique("pages")
+    made = [shared.note("%s %d" % (marker, i)) for i in range(5)]
+    first = "/?limit=2&q=" + marker
+    _, page = _page(shared, first)
+    assert page.index("<form") < page.index("<pre"), "the create form comes first"
+    assert "previous" not in page.lower()
+    pages, path = [], first
+    while path:
+        r, page = _page(shared, path)
+        pages.append([n["id"] for n in shared.get(path).json()])
+        nxt = re.search(r'<a rel="next" href="([^"]+)">', page)
+        prev = re.search(r'<a rel="prev" href="([^"]+)">', page)
+        if len(pages) > 1:
+            assert prev, page[:3000]
+            back = [n["id"] for n in shared.get(html_unescape(prev.group(1))).json()]
+            assert back == pages[-2], (back, pages)
+        path = nxt and html_unescape(nxt.group(1))
+        assert len(pages) <= 5
+    assert pages == [_ids(made[0:2]), _ids(made[2:4]), _ids(made[4:5])]
+
+
+def html_unescape(text):
+    import html
+    return html.unescape(text)
+
+
+def test_smaller_page_fixes(shared):
+    """Item 8: labelled fields, touch-sized buttons, long words wrapped, and
+    /openapi.json as a short page with a link to the document itself."""
+    note = shared.note("x" * 3000)
+    for path in ("/", "/%d/" % note["id"], "/config"):
+        _, page = _page(shared, path)
+        fields = re.findall(r'<textarea id="([^"]+)"', page)
+        assert fields, path
+        for field in fields:
+            assert '<label for="%s">' % field in page, (path, field)
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    assert re.search(r"button\{[^}]*min-height:44px", style), style
+    assert re.search(r"pre\{[^}]*overflow-wrap:anywhere", style), style
+    r, page = _page(shared, "/openapi.json")
+    assert len(page) < 20000, len(page)
+    raw = re.search(r'<a href="([^"]*format=json[^"]*)">', page)
+    assert raw, page[:2000]
+    r = shared.get(html_unescape(raw.group(1)), headers=HTML)
+    assert r.status == 200 and r.header("Content-Type") == "application/json", r
+    assert r.json()["openapi"].startswith("3.1")
+
+
+def _doc(d, headers=None):
+    r = d.get("/openapi.json", headers=headers)
+    assert r.status == 200, r
+    return r.json()
+
+
+def _operations(doc):
+    for template, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method != "parameters":
+                yield template, method, operation
+
+
+def test_openapi_declares_the_id_of_every_operation_on_a_note(shared):
+    """Items 9 and 11: OPTIONS /{id} and /{id}/ had no id parameter; PUT's
+    said 0 and 2**53 were fine. GET and DELETE take any whole number (404,
+    or 204 whether or not the note exists); PUT only ids a note may have."""
+    doc = _doc(shared)
+    for template in ("/{id}", "/{id}/"):
+        params = doc["paths"][template]["parameters"]
+        assert params == [{"name": "id", "in": "path", "required": True,
+                           "schema": {"type": "integer", "minimum": 0}}]
+        put = doc["paths"][template]["put"]["parameters"]
+        assert put == [{"name": "id", "in": "path", "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
+        for method in ("get", "delete", "options", "head"):
+            assert "parameters" not in doc["paths"][template][method], method
+
+
+@pytest.mark.parametrize("method,path,template,status", [
+    ("OPTIONS", "/-1/", "/{id}/", 404), ("OPTIONS", "/x", "/{id}", 404),
+    ("PUT", "/-1/", "/{id}/", 404), ("DELETE", "/x/", "/{id}/", 404),
+    ("PUT", "/0/", "/{id}/", 400), ("GET", "/0", "/{id}", 404), ("POST", "/", "/", 400),
+    ("PATCH", "/config", "/config", 400), ("GET", "/?after=-1", "/", 400)])
+def test_openapi_documents_every_status(shared, method, path, template, status):
+    """Item 10: a missing or malformed id gives 404 on every note operation."""
+    body = None if method in ("GET", "OPTIONS") else b"[1]" if method == "PATCH" else b"{}"
+    r = shared.request(method, path, body, {"Content-Type": "application/json"})
+    assert r.status == status, r
+    operation = _doc(shared)["paths"][template][method.lower()]
+    assert str(status) in operation["responses"], (template, method, operation["responses"])
+
+
+def test_openapi_parameter_bounds_are_the_servers(shared):
+    """Item 11: PUT's id said 0 and 2**53 were fine; after had no maximum."""
+    doc = _doc(shared)
+    after = [p for p in doc["paths"]["/"]["get"]["parameters"] if p["name"] == "after"][0]
+    assert after["schema"]["maximum"] == 2**63 - 1
+    assert shared.get("/?after=%d" % (2**63 - 1)).status == 200
+    assert_error(shared.get("/?after=%d" % 2**63), 400)
+    for bad in (0, MAX_ID + 1):
+        assert_error(shared.request("PUT", "/%d/" % bad, {"text": "x"}), 400)
+    q = [p for p in doc["paths"]["/"]["get"]["parameters"] if p["name"] == "q"][0]
+    assert re.fullmatch(q["schema"]["pattern"], "plain text\twith tab")
+    assert not re.search(q["schema"]["pattern"], "nul\x00")
+
+
+def test_a_search_for_a_control_character_is_400_not_a_storage_error(shared):
+    """schemathesis: ?q= holding NUL broke FTS5's query ("unterminated string"):
+    a 503, and /health said storage failed until the next write."""
+    for q in ("%00", "a%00b", "%1B[", "x%C2%85"):
+        assert_error(shared.get("/?q=" + q), 400)
+    assert shared.get("/health").status == 200
+    shared.assert_serving()
+
+
+def test_config_values_have_json_types(daemon):
+    """Item 12: {"log_level": null} was schema-valid, {"token": true} set the
+    token to "yes". Every key has a type; a value of another type is 400."""
+    schema = _doc(daemon)["components"]["schemas"]["Config"]
+    cfg = daemon.get("/config").json()
+    for key, prop in schema["properties"].items():
+        assert "type" in prop or "enum" in prop, key
+        assert key in cfg
+    assert schema["properties"]["access_log"]["type"] == "boolean"
+    assert schema["properties"]["max_body"]["type"] == "integer"
+    for patch in ({"log_level": None}, {"token": True}, {"access_log": "no"},
+                  {"max_body": "100"}, {"max_body": True}, {"timeout": "5"},
+                  {"log_level": "DEBUG"}, {"token": " spaced "}, {"max_body": 1.5}):
+        r = daemon.request("PATCH", "/config", patch)
+        assert_error(r, 400)
+        assert daemon.get("/").status == 200, patch  # no token was set
+    assert daemon.get("/config").json() == cfg
+    r = daemon.request("PATCH", "/config", {"access_log": False, "max_body": 5000.0,
+                                             "timeout": 7, "command_budget": 60})
+    assert r.status == 200, r
+    assert r.json()["access_log"] is False and r.json()["max_body"] == 5000
+    # what GET /config shows may be sent back as it is: *** keeps the token
+    back = daemon.request("PATCH", "/config", {**r.json(), "token": "***"})
+    assert back.status == 200 and back.json() == r.json(), back
+    daemon.request("PATCH", "/config", {"token": "set-now"})
+    assert daemon.request("PATCH", "/config", {"token": "***"},
+                          {"Authorization": "Bearer set-now"}).status == 200
+    assert daemon.get("/", headers={"Authorization": "Bearer set-now"}).status == 200
+
+
+def test_openapi_security_says_what_the_token_requires(make_daemon):
+    """Item 13: with a token, the document said authentication was optional."""
+    doc = _doc(make_daemon())
+    assert not doc.get("security"), doc.get("security")
+    d = make_daemon("--token", "tok")
+    doc = _doc(d, {"Authorization": "Bearer tok"})
+    assert doc["security"] and {} not in doc["security"], doc["security"]
+    assert {"bearer": []} in doc["security"]
+    for template, method, operation in _operations(doc):
+        if template == "/health":
+            assert operation["security"] == [], method
+        else:
+            assert "security" not in operation, (template, method)
+            assert "401" in operation["responses"], (template, method)
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "QUERY", "PROPFIND"])
+def test_trace_is_405_with_allow(shared, method):
+    """Item 14: TRACE got 501 without Allow; the README promises 405 for a
+    method the resource does not take (schemathesis also tries QUERY)."""
+    for path in ("/", "/health", "/1/", "/config"):
+        status, headers, body = _raw_get(shared, method, path)
+        assert status == 405, (method, path, status, body)
+        allow = {m.strip() for m in headers.get("allow", "").split(",")}
+        assert "GET" in allow and method not in allow, headers
+        assert json.loads(body)["message"]
+    shared.assert_serving()
+
+
+def test_a_repeated_form_field_keeps_its_first_value(shared):
+    """Item 15: Werkzeug's MultiDict.get, which the seed read text with,
+    gives the first of a repeated field; notesd stored the last."""
+    first, second = unique("first"), unique("second")
+    r = shared.request("POST", "/", "text=%s&text=%s" % (first, second),
+                       {"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 201 and r.json()["text"] == first, r
+    boundary = "b0undary"
+    body = "".join('--%s\r\nContent-Disposition: form-data; name="text"\r\n\r\n%s\r\n'
+                   % (boundary, t) for t in (first, second)) + "--%s--\r\n" % boundary
+    r = shared.request("POST", "/", body,
+                       {"Content-Type": "multipart/form-data; boundary=" + boundary})
+    assert r.status == 201 and r.json()["text"] == first, r
+    r = shared.get("/?limit=1&limit=2&q=" + first)
+    assert r.status == 200 and len(r.json()) == 1, r
+    if shutil.which("curl"):
+        code, out = _curl("-d", "text=" + first, "-d", "text=" + second, shared.url)
+        assert code == 201 and json.loads(out)["text"] == first, out
+
+
+def test_percent_encoded_unreserved_characters_route_as_themselves(shared):
+    """Item 16: GET /%31/ was 404; the seed (Werkzeug) answers note 1. RFC 3986
+    6.2.2.2: an unreserved character means the same encoded or not."""
+    note = shared.note("encoded " + unique("pct"))
+    encoded = "".join("%%%02X" % ord(c) for c in str(note["id"]))
+    for path in ("/%s/" % encoded, "/%s" % encoded.lower()):
+        r = shared.get(path)
+        assert r.status == 200 and r.json()["id"] == note["id"], (path, r)
+    assert shared.get("/%68ealth").status == 200
+    assert shared.get("/%63onfig").json()["log_level"]
+    # reserved characters keep their meaning: %2F is no separator
+    for path in ("/%2F%31/", "/%31%2F", "/1%3F/"):
+        assert_error(shared.get(path), 404)
+
+
+def test_readme_tells_flask_api_users_what_differs():
+    """Item 17: the deliberate differences from the seed's Flask-API app."""
+    readme = _readme()
+    m = re.search(r"^## Coming from the Flask-API example\n(.*?)(?=^## )", readme, re.M | re.S)
+    assert m, "no section 'Coming from the Flask-API example'"
+    section = m.group(1)
+    for words in ("100", "Link", "400", "empty", "201", "id", "0", "slash", "first"):
+        assert words in section, words
+
+
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
