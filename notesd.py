@@ -144,6 +144,8 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000
 #: is larger). Without it, 1000 notes of max_body bytes would be a reply of
 #: gigabytes, built in memory (issue 9); 4 MiB is a page of 1000 notes of 4 KiB.
 PAGE_BYTES = 4 << 20
+#: Room for a note's JSON other than its text (id, url, dates), generously.
+NOTE_JSON_ROOM = 256
 #: sqlite virtual-machine steps between two looks at the clock of the key
 #: `command_budget` (sqlite's progress handler).
 BUDGET_STEPS = 1000
@@ -1874,6 +1876,7 @@ class _KernelTimedReader(io.RawIOBase):
         self.deadline = self.expired = None  # expired: why the last read gave up
         self.phase, self.since = IDLE, time.monotonic()
         self.evicted = False
+        self.fresh = True  # no request read yet: see _await_request
 
     def readable(self):
         return True
@@ -1889,7 +1892,7 @@ class _KernelTimedReader(io.RawIOBase):
             self._arm(self.timeout)
 
     def readinto(self, buffer):
-        if self.phase == IDLE:
+        if self.phase == IDLE and self.fresh:
             self._await_request()
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
@@ -1905,19 +1908,30 @@ class _KernelTimedReader(io.RawIOBase):
             raise self._expire("closed to make room for other clients: the request was "
                                f"not complete after {SLOW_HEAD:g}s")
         if count and self.deadline is None:  # a request's first bytes: its clock starts
-            self.deadline = time.monotonic() + self.timeout
+            now = time.monotonic()
+            self.deadline = now + self.timeout
+            if self.phase == IDLE:
+                self.phase, self.since = HEAD, now
         return count
 
     def _await_request(self):
-        """Connection thread, on an idle connection: wait for the next
+        """Connection thread, on a new connection: wait for its first
         request's first byte without taking it (MSG_PEEK), then say HEAD.
-        The accept thread takes an IDLE connection only if it finds no byte
+        The accept thread closes an IDLE connection only if it finds no byte
         waiting in the socket, so the byte must stay there until the phase
         has changed. A recv() that took it left a window, while this thread
         waited for the GIL to say HEAD, in which a request that had arrived
         was nowhere to be seen, and its connection was closed for room (CI:
-        once in thirty floods of 100 connections). One system call more per
-        request; a request pipelined behind another skips it."""
+        once in twenty floods of 20 connections, each sending at once).
+
+        Only the first request pays this system call: the peek let go of
+        the GIL once more per request, and with 16 keep-alive clients that
+        cost GET a tenth of its speed. On a kept-alive connection the same
+        window remains, and is the race every server closing idle
+        connections has (RFC 9112 section 9.5: a client retries a request
+        whose connection closed under it); a new one must not be closed
+        with its request unread."""
+        self.fresh = False
         try:
             if not self.sock.recv(1, socket.MSG_PEEK):
                 return  # closed (or closed for room): recv_into says so
@@ -2335,15 +2349,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               "tab, LF and CR")
         rows = self.server.loop.submit("list", after, limit + 1, text)
         base, headers = self.base_url(), []
-        notes, parts, size = [], [], 2
-        for row in rows[:limit]:  # the JSON note by note, up to PAGE_BYTES
-            note = _note_json(row, base)
-            part = json.dumps(note)  # ASCII: a character is a byte
-            size += len(part) + 2
-            if notes and size > PAGE_BYTES:
-                break
-            notes.append(note)
-            parts.append(part)
+        notes, encoded = _encode_page([_note_json(row, base) for row in rows[:limit]])
         pages = {}  # what the browsable page links to as next and previous
         if len(rows) > len(notes):  # rows left over: another page exists (RFC 8288)
             following = {"after": notes[-1]["id"], "limit": limit,
@@ -2359,7 +2365,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 if not back["after"]:
                     del back["after"]
                 pages["prev"] = f"{base}/?{urllib.parse.urlencode(back)}"
-        return 200, EncodedList(notes, f"[{', '.join(parts)}]\n".encode(), pages), headers
+        return 200, EncodedList(notes, encoded, pages), headers
 
     def create_note(self, query):
         row, _, _ = self.server.loop.submit("create", self.read_text())
@@ -2633,6 +2639,26 @@ class EncodedList(list):
         super().__init__(items)
         self.encoded = encoded
         self.pages = pages or {}
+
+
+def _encode_page(notes):
+    """(the notes that fit, their JSON): as many as fit in PAGE_BYTES, at
+    least one. A page that fits whatever its text holds is encoded whole:
+    a json.dumps() per note cost a page of 100 small notes a third of its
+    speed. JSON may spell a character in 12 bytes (a surrogate pair of
+    \\u escapes), so only a page whose text is under a twelfth of
+    PAGE_BYTES is sure to fit; a longer one is encoded note by note, never
+    more than PAGE_BYTES and one note at a time in memory."""
+    if sum(len(note["text"]) + NOTE_JSON_ROOM for note in notes) * 12 <= PAGE_BYTES:
+        return notes, json.dumps(notes).encode() + b"\n"  # ASCII: a character is a byte
+    parts, size = [], 2
+    for note in notes:
+        part = json.dumps(note)
+        size += len(part) + 2
+        if parts and size > PAGE_BYTES:
+            break
+        parts.append(part)
+    return notes[:len(parts)], f"[{', '.join(parts)}]\n".encode()
 
 
 def _note_json(row, base):
