@@ -109,6 +109,19 @@ POLL = 0.01
 BACKLOG = 1024
 #: seconds between checks of serve_forever() for shutdown(): bounds `stop`.
 ACCEPT_POLL = 0.05
+#: seconds a stop waits at most for the requests in flight to be answered
+#: (the idle connections are closed at once): a client that stalls in its
+#: body holds the stop no longer than this.
+STOP_GRACE = 5.0
+#: seconds between two looks at the connections during a stop (ApiServer.last_call).
+STOP_PASS = 0.01
+#: the first file descriptor systemd passes (SD_LISTEN_FDS_START, sd_listen_fds(3)).
+LISTEN_FDS_START = 3
+#: Set by a daemon for the successor it starts on `restart` (SIGUSR2): the
+#: descriptor of the socket on which the two agree the handover (Successor).
+HANDOVER_ENVIRONMENT = "NOTESD_HANDOVER"
+#: where the successor finds that socket.
+HANDOVER_FD = 4
 #: file descriptors kept back from connections for the daemon's own: a dozen
 #: at rest (stdio, pid file, log, the database with its -wal and -shm, the
 #: listening socket, the signal socketpair), a few now and then (a reload's
@@ -173,6 +186,7 @@ SIGNAL_COMMANDS = {
     signal.SIGINT: "stop",
     signal.SIGHUP: "reload",
     signal.SIGUSR1: "reopen_logs",
+    signal.SIGUSR2: "upgrade",
 }
 
 log = logging.getLogger("notesd")
@@ -523,11 +537,18 @@ class Config:
     def argv(self):
         """Command-line arguments that load this configuration again, but for
         a --token, which `start` hands over in TOKEN_ENVIRONMENT: any local
-        user may read a process's argv (ps), for as long as it runs."""
+        user may read a process's argv (ps), for as long as it runs. Paths
+        are given absolute: a successor (restart) starts in /, not in the
+        directory the first `start` was typed in."""
         args = ["-c", self.path] if self.path else []
-        return args + [f"--{key.replace('_', '-')}={text}"
+        return args + [f"--{key.replace('_', '-')}={self._absolute(key, text)}"
                        for key, text in self.overrides.items()
                        if text is not None and key != "token"]
+
+    def _absolute(self, key, text):
+        if text and (key in PATH_KEYS or (key == "log" and text not in LOG_TARGETS)):
+            return self._values[key]
+        return text
 
     def changed(self, other):
         """Keys whose values differ between self and other."""
@@ -1157,8 +1178,11 @@ class MainLoop:
         self.vanished = None         # why the database files are not ours any more
         self.lag = self._lag_window = 0.0
         self.reloads, self.last_reload = 0, None
+        self.last_restart = None   # the verdict on the last SIGUSR2, for `restart`
+        self.successor = None      # the Successor being started, if one is
+        self.handed_over = False   # a successor serves: stop without a word to systemd
         self.stopping = self.closing = False
-        self.server = None
+        self.server = self.pidfile = None
         self.carried = collections.deque()  # reads a batch had no time for
         self.aborted = False
         self.slowest = self.slowest_before = None  # (command, seconds, at)
@@ -1205,15 +1229,25 @@ class MainLoop:
         except queue.Empty:
             return None
 
-    def drain(self, quiet=0.05, grace=5.0):
-        """After the listener closed: finish what requests in flight queued,
-        until the queue stays empty for `quiet` seconds (at most `grace`)."""
+    def drain(self, server, grace=STOP_GRACE):
+        """After the listener closed: answer the requests in flight, and
+        nothing else. Every STOP_PASS the server closes the connections that
+        became idle and marks the busy ones to close after their reply
+        (ApiServer.last_call); it marks them again after taking a batch,
+        before running it, so every command run here answers with
+        Connection: close (a handler is BUSY before it submits). Ends when
+        no connection is left and the queue is empty, or after `grace`."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            first = self._next(quiet)
+            left = server.last_call()
+            first = self._next(STOP_PASS)
             if first is None and not self.carried:
-                break
-            self.execute(self._batch(first))
+                if not left and self.commands.empty():
+                    break
+                continue
+            batch = self._batch(first)
+            server.last_call()
+            self.execute(batch)
         self.closing = True
         shutting = _http_error(503, "notesd is shutting down", ("Retry-After", "5"))
         while self.carried:
@@ -1468,6 +1502,7 @@ class MainLoop:
             "rss_bytes": rss_bytes(),
             "reloads": self.reloads,
             "last_reload": self.last_reload,
+            "last_restart": self.last_restart,
             "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
                         "last_error": self.storage_error},
             "search": {"mode": "index" if self.store.indexed else "scan",
@@ -1497,8 +1532,43 @@ class MainLoop:
 
     def on_stop(self):
         log.info("stopping (signal)")
-        self.systemd.notify("STOPPING=1")
+        if not self.handed_over:  # else systemd's main process is the successor now
+            self.systemd.notify("STOPPING=1")
         self.stopping = True
+
+    def on_upgrade(self):
+        """SIGUSR2 (`restart`, as nginx and gunicorn): start the notesd.py on
+        disk as a successor that inherits the listening socket (Successor);
+        once it serves and holds the pid file, stop gracefully. If it cannot
+        start, keep serving and say why in last_restart."""
+        if self.successor is not None or self.stopping:
+            log.warning("restart: one is under way already; ignored")
+            return
+        problem = _handover_problem(self.config, self.server)
+        if problem:
+            return self.do_upgrade_failed(problem)
+        self.systemd.notify("RELOADING=1",
+                            f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        log.info("restart: starting a successor from %s", os.path.abspath(__file__))
+        try:
+            self.successor = Successor(self.config, self.server, self.pidfile,
+                                       self.commands, self.logs.foreground)
+        except OSError as e:
+            self.do_upgrade_failed(f"cannot start the successor: {_reason(e)}")
+
+    def do_handed_over(self, text):
+        """The successor serves and holds the pid file (Successor._run)."""
+        log.info("restart: %s; stopping", text)
+        self.last_restart = {"ok": True, "message": text, "at": time.time()}
+        self.handed_over = True
+        self.pidfile.handed_over = True
+        self.on_stop()
+
+    def do_upgrade_failed(self, message):
+        log.error("restart failed, this daemon keeps serving: %s", message)
+        self.last_restart = {"ok": False, "message": message, "at": time.time()}
+        self.successor = None
+        self.systemd.notify("READY=1", f"STATUS=restart failed: {message}")
 
     def on_reload(self):
         """SIGHUP: re-read the file, apply what can change live, keep the old
@@ -1877,6 +1947,8 @@ class _KernelTimedReader(io.RawIOBase):
         self.phase, self.since = IDLE, time.monotonic()
         self.evicted = False
         self.fresh = True  # no request read yet: see _await_request
+        self.last = False  # notesd stops: no request after the one in flight
+        self.handler = None  # the ApiHandler, once its thread has set up
 
     def readable(self):
         return True
@@ -1889,7 +1961,25 @@ class _KernelTimedReader(io.RawIOBase):
         if self.phase != IDLE:
             self.phase, self.since = IDLE, time.monotonic()
         if self.armed != self.timeout:
+            # Also the way in for a stop (last_call sets armed to None), so
+            # the fast path checks nothing more: no request is read after
+            # the last one, not even one already in the read buffer.
+            if self.last:
+                raise self._expire("notesd is stopping")
             self._arm(self.timeout)
+
+    def last_call(self):
+        """Main thread, holding ApiServer.lock, during a stop: a connection
+        waiting for a request is closed now (its read side shut down, as
+        evict() does), unless its request's bytes are there already (then
+        it is in flight); a busy one answers with Connection: close; a
+        request head still arriving is marked once it is busy (the next
+        pass). Either way the next request boundary ends it (expect_request)."""
+        self.last, self.armed = True, None
+        if self.phase == BUSY and self.handler is not None:
+            self.handler.close_connection = True
+        elif self.phase == IDLE and not self.evicted and self.nothing_sent():
+            self.evict()
 
     def readinto(self, buffer):
         if self.phase == IDLE and self.fresh:
@@ -2008,15 +2098,19 @@ class ApiServer(http.server.ThreadingHTTPServer):
     request_queue_size = BACKLOG
     allow_reuse_address = True  # a restart rebinds at once despite TIME_WAIT
 
-    def __init__(self, config):
+    def __init__(self, config, listener=None):
         host, port, self.address_family = config.address
         self.config = config
         self.loop = None
         self.bodies = BodyBudget()
-        try:
-            super().__init__((host, port), ApiHandler)
-        except OSError as e:
-            raise NotesdError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
+        if listener is not None:
+            self._adopt(listener)
+        else:
+            try:
+                super().__init__((host, port), ApiHandler)
+            except OSError as e:
+                raise NotesdError(f"cannot listen on {config.listen}: "
+                                  f"{e.strerror or e}") from None
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in host else host
         self.host_header = f"{shown}:{port}"
@@ -2033,6 +2127,29 @@ class ApiServer(http.server.ThreadingHTTPServer):
             log.warning("the open-file limit leaves room for %d connections at once, "
                         "fewer than max_connections = %d", self.fd_room,
                         config.max_connections)
+
+    def _adopt(self, listener):
+        """Serve on a listening socket bound by someone else: systemd (socket
+        activation) or the daemon this one succeeds (restart)."""
+        self.address_family = listener.family
+        super().__init__(listener.getsockname(), ApiHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
+        host, port, _ = self.config.address
+        if port and (host, port) != tuple(self.server_address[:2]):
+            log.warning("serving on the inherited socket %s:%d, not listen = %s (which "
+                        "allowed_hosts follows by default)", *self.server_address[:2],
+                        self.config.listen)
+
+    def last_call(self):
+        """Main thread, during a stop (MainLoop.drain): see
+        _KernelTimedReader.last_call. Returns how many connections are open."""
+        with self.lock:
+            for reader in list(self.connections.values()):
+                reader.last_call()
+            return len(self.connections)
 
     def capacity(self):
         """Connections served at once: max_connections (a live key), or fewer
@@ -2187,6 +2304,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         # poll() before each recv(): a syscall per request that cost 13% of
         # GET throughput (bench/).
         self.reader = self.server.connections[self.request]  # made on accept
+        self.reader.handler = self
         timeval = _timeval(self.reader.timeout)
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             self.request.setsockopt(socket.SOL_SOCKET, option, timeval)
@@ -2409,6 +2527,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if last:  # the verdict for `reload`, whatever token the daemon kept;
             # the message (which may quote the file) only in /status
             body["last_reload"] = {"ok": last["ok"], "at": last["at"]}
+        if loop.last_restart:  # and for `restart`
+            body["last_restart"] = {k: loop.last_restart[k] for k in ("ok", "at")}
         problem = ("notesd is shutting down" if loop.closing or loop.stopping else
                    f"main loop stuck: no heartbeat for {age:.1f}s" if age > HEARTBEAT_STALE else
                    loop.storage_problem)
@@ -3115,12 +3235,14 @@ SCHEMAS = {
                               "loop_lag_ms": {"type": "number"},
                               "queue_depth": {"type": "integer"},
                               "last_reload": {"type": "object", "properties": {
+                                  "ok": {"type": "boolean"}, "at": {"type": "number"}}},
+                              "last_restart": {"type": "object", "properties": {
                                   "ok": {"type": "boolean"}, "at": {"type": "number"}}}}},
     "Status": {"type": "object", "required": ["pid", "version", "uptime", "notes"],
                "properties": {k: {} for k in (
                    "pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
                    "database", "notes", "requests", "queue_depth", "loop_lag_ms", "threads",
-                   "rss_bytes", "reloads", "last_reload")}},
+                   "rss_bytes", "reloads", "last_reload", "last_restart")}},
     # GET /config shows every key; PATCH changes live ones, and answers 409
     # for a new value of the others (readOnly: not to be sent).
     "Config": {"type": "object", "additionalProperties": False,
@@ -3595,6 +3717,7 @@ class Logs:
     """
 
     def __init__(self, config, foreground):
+        self.foreground = foreground
         target = config.log
         if foreground and not config._log_explicit:
             target = "stderr"
@@ -3794,9 +3917,24 @@ def _open_public(path):
 
 
 class PidFile:
-    """The daemon's pid file, created and locked for the daemon's whole life."""
+    """The daemon's pid file, created and locked for the daemon's whole life.
 
-    def __init__(self, path):
+    A restart hands the lock over with no moment in which nobody holds it
+    (`status` would say "not running"), in byte ranges, since POSIX locks
+    are a process's own and cannot be inherited: the daemon holds the whole
+    file; it lets go of all but byte 0 once its successor serves
+    (free_tail); the successor locks from byte 1 on and writes its pid
+    (take_over); the daemon lets go of byte 0 (release), which the
+    successor then takes too. F_GETLK, which `status` and `stop` ask, names
+    one of the holders all along, and running_pid() still believes it only
+    if the file names it (the moment between the write and the release is
+    the PID_WRITE_GRACE it already waits)."""
+
+    def __init__(self, path, successor=False):
+        self.handed_over = False
+        if successor:  # locked in take_over(), from the daemon it succeeds
+            self.path, self.fd = path, _open_public(path)
+            return
         for _ in range(10):
             fd = self._lock(path)
             if fd is None:
@@ -3840,9 +3978,42 @@ class PidFile:
             return None
         return fd
 
+    def free_tail(self):
+        """Restart, the daemon: keep byte 0 only; the successor takes the rest."""
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 0, 1)
+
+    def retake_tail(self):
+        """Restart failed after free_tail: the whole file is ours again."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 1)
+
+    def release(self):
+        """Restart, the daemon: the successor holds the rest; let go of byte 0."""
+        self.handed_over = True
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def take_over(self, channel):
+        """Restart, the successor, once it serves (see the class docstring).
+        `channel` is the socket shared with the daemon it succeeds: "GO" when
+        that one holds byte 0 only, "LOCKED" back once we hold the rest. If
+        the daemon is gone instead, its locks went with it."""
+        channel.settimeout(START_TIMEOUT)
+        with contextlib.suppress(OSError):
+            channel.recv(16)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 0, 1)
+        data = b"%d\n" % os.getpid()
+        os.pwrite(self.fd, data, 0)  # never empty: a reader sees one pid or the other
+        os.ftruncate(self.fd, len(data))
+        with contextlib.suppress(OSError):
+            channel.sendall(b"LOCKED\n")
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)  # byte 0, as soon as it lets go
+        channel.close()
+
     def remove(self):
-        """At exit: the pid file and the URL file beside it. May fail after
-        dropping privileges; `stop` then removes them."""
+        """At exit: the pid file and the URL file beside it, unless a
+        successor owns them now. May fail after dropping privileges; `stop`
+        then removes them."""
+        if self.handed_over:
+            return
         _remove_published(url_file(self.path))
         _remove_published(self.path)
 
@@ -3855,9 +4026,12 @@ def url_file(pidfile):
 def write_url(pidfile, url):
     fd = _open_public(url_file(pidfile))
     try:
-        os.ftruncate(fd, 0)
         os.fchmod(fd, 0o644)  # as the pid file
-        os.write(fd, url.encode() + b"\n")
+        # Written over, then cut, never emptied first: a successor writes
+        # the same URL while `check` and `restart` read it.
+        data = url.encode() + b"\n"
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
@@ -3942,6 +4116,31 @@ def _wait_for(predicate, timeout):
             return predicate()
         time.sleep(POLL)
     return True
+
+
+def inherited_listener(environ=os.environ):
+    """The listening socket passed as systemd passes it (sd_listen_fds(3)):
+    fd 3, LISTEN_FDS=1, LISTEN_PID naming this process; or None. Read at
+    the very start, before anything forks, and the variables unset: a child
+    must not take them for its own. A restart's successor gets its socket
+    the same way (Successor), so one path serves both."""
+    count, pid = environ.pop("LISTEN_FDS", None), environ.pop("LISTEN_PID", None)
+    environ.pop("LISTEN_FDNAMES", None)
+    if count is None or pid != str(os.getpid()):
+        return None
+    if count != "1":
+        raise NotesdError(f"LISTEN_FDS={count}: notesd serves on one socket; pass it one")
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)
+        listening = (sock.type == socket.SOCK_STREAM and
+                     sock.family in (socket.AF_INET, socket.AF_INET6) and
+                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError as e:
+        raise NotesdError(f"LISTEN_FDS: fd {LISTEN_FDS_START} is no socket: {e}") from None
+    if not listening:
+        raise NotesdError(f"LISTEN_FDS: fd {LISTEN_FDS_START} is not a listening TCP socket")
+    os.set_inheritable(LISTEN_FDS_START, False)
+    return sock
 
 
 class SystemdNotifier:
@@ -4109,11 +4308,15 @@ class Readiness:
     in `start` (one line on the readiness pipe: READY|RUNNING|ERROR text), and
     systemd when it supervises us (sd_notify). Either may be absent."""
 
-    def __init__(self, fd=None):
+    def __init__(self, fd=None, handover=None):
         self.fd = fd
+        self.handover = handover  # a successor's channel to its predecessor
         self.systemd = SystemdNotifier()
 
     def _send(self, kind, text):
+        if self.handover is not None:
+            with contextlib.suppress(OSError):
+                self.handover.sendall(f"{kind} {text}\n".encode())
         if self.fd is not None:
             try:
                 os.write(self.fd, f"{kind} {text}\n".encode())
@@ -4161,13 +4364,152 @@ def _await_ready(reader, config):
     return 1
 
 
-def serve(config, readiness, foreground):
-    """Steps 6-8, then the main loop until stopped. Returns the exit code."""
+def _handover_problem(config, server):
+    """Why this daemon cannot hand its socket to a successor, or None: the
+    reason `restart` falls back to a stop and a start (main loop)."""
+    if config.user or config.chroot:
+        return ("the daemon has dropped root (user, chroot), so it cannot start its "
+                "successor: needs a stop and a start")
+    try:
+        new = Config.load(config.path, config.overrides, config._root)
+    except NotesdError as e:
+        return str(e)
+    host, port, _ = new.address
+    if (port and port != server.server_address[1]) or host != server.server_address[0]:
+        return (f"listen changed from {config.listen} to {new.listen}: needs a stop "
+                "and a start")
+    return None
+
+
+class Successor:
+    """The daemon's side of a restart: starts the notesd.py now on disk as
+    its successor and hands it the listening socket, as systemd's socket
+    activation would (fd 3, LISTEN_FDS=1, LISTEN_PID set by a shell that
+    then execs Python, so it names the process that reads it), and a
+    socketpair on fd 4 (HANDOVER_ENVIRONMENT) to agree the handover:
+
+      successor: READY text (it serves: both accept from the one socket)
+      daemon:    PidFile.free_tail(), then GO
+      successor: PidFile.take_over(), then LOCKED
+      daemon:    PidFile.release(), and a graceful stop (MainLoop.drain)
+
+    ERROR text, an exit or START_TIMEOUT instead of READY: the daemon keeps
+    serving and reports why (last_restart). Its stderr, where a syntax
+    error or a bad configuration is told, comes back on a pipe, but for a
+    `run` daemon, whose stderr (systemd's journal) it keeps. Runs in a
+    thread of its own; tells the main loop by commands."""
+
+    def __init__(self, config, server, pidfile, commands, foreground):
+        self.pidfile, self.commands = pidfile, commands
+        self.channel, theirs = socket.socketpair()
+        errors, stderr = os.pipe() if not foreground else (None, 2)
+        try:
+            self.pid = self._spawn(config, server.socket.fileno(), theirs.fileno(), stderr,
+                                   "run" if foreground else "start")
+        finally:
+            theirs.close()
+            if errors is not None:
+                os.close(stderr)
+        self.errors = errors
+        threading.Thread(target=self._run, name="successor", daemon=True).start()
+
+    @staticmethod
+    def _spawn(config, listener, channel, stderr, command):
+        env = {k: v for k, v in os.environ.items()
+               if k in KEEP_ENVIRONMENT or k == "NOTIFY_SOCKET"}
+        env.update(PATH=SAFE_PATH, LISTEN_FDS="1", **{HANDOVER_ENVIRONMENT: str(HANDOVER_FD)})
+        if config.overrides.get("token") is not None:
+            env[TOKEN_ENVIRONMENT] = config.overrides["token"]
+        # Copies above 10 first: dup2 onto itself would keep close-on-exec.
+        copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (listener, channel, stderr)]
+        try:
+            return os.posix_spawn("/bin/sh", [
+                "/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$0" "$@"', sys.executable,
+                "-I", "-S", os.path.abspath(__file__), *config.argv(), command], env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in
+                              zip(copies, (LISTEN_FDS_START, HANDOVER_FD, 2))],
+                setsigmask=())
+        finally:
+            for fd in copies:
+                os.close(fd)
+
+    def _run(self):
+        kind, text = self._await()
+        if kind == "READY":
+            try:
+                self.pidfile.free_tail()
+                self.channel.sendall(b"GO\n")
+                if self._line().startswith("LOCKED"):
+                    self.pidfile.release()
+                    self.channel.close()
+                    self.commands.put(Command("handed_over", text))
+                    return
+                self.pidfile.retake_tail()
+            except OSError as e:
+                text = f"the handover failed: {e}"
+            else:
+                text = "the successor did not take the pid file"
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGTERM)
+        self.channel.close()
+        self.commands.put(Command("upgrade_failed", text))
+
+    def _line(self):
+        data = b""
+        self.channel.settimeout(START_TIMEOUT)
+        with contextlib.suppress(OSError):
+            while b"\n" not in data:
+                chunk = self.channel.recv(512)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode(errors="replace")
+
+    def _await(self):
+        """(READY or ERROR, text): the successor's verdict, or why none came."""
+        deadline = time.monotonic() + START_TIMEOUT
+        said, told = b"", b""
+        sources = [self.channel] + ([self.errors] if self.errors is not None else [])
+        while b"\n" not in said and sources and time.monotonic() < deadline:
+            for source in select.select(sources, [], [], deadline - time.monotonic())[0]:
+                if source is self.channel:
+                    chunk = self.channel.recv(512)
+                    said += chunk
+                else:
+                    chunk = os.read(self.errors, 4096)
+                    told = (told + chunk)[-4096:]
+                if not chunk:
+                    sources.remove(source)
+        if self.errors is not None:
+            os.close(self.errors)
+        kind, _, text = said.decode(errors="replace").strip().partition(" ")
+        if kind in ("READY", "ERROR"):
+            return kind, text
+        if b"\n" not in said and time.monotonic() >= deadline:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            return "ERROR", f"the successor was not ready within {START_TIMEOUT:g}s"
+        _, status = os.waitpid(self.pid, 0)
+        lines = [l for l in told.decode(errors="replace").splitlines() if l.strip()]
+        return "ERROR", (f"the successor exited ({_exit_status(status)}) before it "
+                         "was ready" + (": " + lines[-1].strip() if lines else ""))
+
+
+def _exit_status(status):
+    return (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else
+            f"status {os.WEXITSTATUS(status)}")
+
+
+def serve(config, readiness, foreground, listener=None):
+    """Steps 6-8, then the main loop until stopped. Returns the exit code.
+    `listener`: a socket bound already (inherited_listener); with a
+    readiness.handover, this daemon succeeds a running one (Successor)."""
     os.umask(config.umask)  # here, not in step 5: `run` (systemd) needs it too
+    successor = readiness.handover is not None
     try:
         account = daemon_account(config)
         _make_state_dir(config, account)
-        pidfile = PidFile(config.pidfile)
+        pidfile = PidFile(config.pidfile, successor)
     except AlreadyRunning as e:
         if foreground:  # `run` did not start anything: that is a failure
             raise NotesdError(str(e)) from None
@@ -4182,7 +4524,7 @@ def serve(config, readiness, foreground):
         logs = Logs(config, foreground)
         logs.hand_to(account)
         _raise_fd_limit()
-        server = ApiServer(config)
+        server = ApiServer(config, listener)
         store = _open_store(config.database, account)
         write_url(config.pidfile, server.url)
         _enter_jail(config, account, logs, store)
@@ -4192,11 +4534,16 @@ def serve(config, readiness, foreground):
         pidfile.remove()
         return 1
     loop = MainLoop(config, commands, store, logs, readiness.systemd)
-    server.loop, loop.server = loop, server
+    server.loop, loop.server, loop.pidfile = loop, server, pidfile
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL,),
                      name="http", daemon=True).start()
-    log.info("notesd %s started, pid %d, serving %s", __version__, os.getpid(), server.url)
+    log.info("notesd %s started, pid %d, serving %s%s", __version__, os.getpid(), server.url,
+             " on an inherited socket" if listener else "")
     readiness.ready(f"notesd {__version__} running, pid {os.getpid()}, {server.url}")
+    if successor:
+        pidfile.take_over(readiness.handover)
+        if not foreground:  # its stderr was a pipe to the daemon it succeeds
+            _stdio_to_devnull()
     code = 0
     try:
         loop.run()
@@ -4345,10 +4692,12 @@ def _enter_jail(config, account, logs, store):
 
 
 def _shut_down(server, loop, store, pidfile):
-    """TERM/INT: stop accepting, finish requests in flight, close storage,
-    remove the pid file. Main thread only."""
+    """TERM/INT, or a successor serves: stop accepting, answer the requests
+    in flight with Connection: close, close idle connections at once, close
+    storage, remove the pid file (unless handed over). Main thread only."""
     server.shutdown()      # serve_forever returns: no new connections
-    loop.drain()           # what requests in flight queued, then 503s
+    server.socket.close()  # new clients now wait for the successor, or are refused
+    loop.drain(server)     # the requests in flight, then 503s
     server.server_close()
     store.close()
     pidfile.remove()
@@ -4363,6 +4712,10 @@ def _shut_down(server, loop, store, pidfile):
 
 
 def cmd_start(config, args):
+    if args.handover is not None:  # a restart's successor: a daemon already
+        return serve(config, Readiness(handover=args.handover), False, args.listener)
+    if args.listener is not None:
+        raise NotesdError("a socket passed by LISTEN_FDS is served by `run`, not `start`")
     pid = running_pid(config.pidfile)
     if pid:
         print(f"notesd already running, pid {pid}, {read_url(config) or config.listen}")
@@ -4372,7 +4725,7 @@ def cmd_start(config, args):
 
 
 def cmd_run(config, args):
-    return serve(config, Readiness(), foreground=True)
+    return serve(config, Readiness(handover=args.handover), True, args.listener)
 
 
 def cmd_stop(config, args):
@@ -4482,8 +4835,102 @@ def _remove_leftovers(config):
 
 
 def cmd_restart(config, args):
+    """Hand over to a new daemon started from the notesd.py on disk, which
+    inherits the listening socket (SIGUSR2; Successor): no connection is
+    refused. Else, saying why, stop, then start."""
+    daemon = Verified.find(config.pidfile)
+    if not daemon:
+        return cmd_start(config, args)
+    with daemon:
+        why = _cannot_hand_over(config, daemon.pid)
+        if not why:
+            return _hand_over(config, daemon)
+    print(f"notesd: {why}; stopping and starting instead")
     code = cmd_stop(config, args)
     return code if code else cmd_start(config, args)
+
+
+def _cannot_hand_over(config, pid):
+    """Why `restart` must stop and start instead of handing over, or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = dict(line.split(":", 1) for line in f if ":" in line)["SigCgt"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except (OSError, KeyError):
+        return f"cannot tell whether pid {pid} can hand over (no /proc)"
+    if not int(caught, 16) >> (signal.SIGUSR2 - 1) & 1:
+        return f"pid {pid} is a notesd that cannot hand over (an older version)"
+    if config.user or config.chroot:
+        return "with user or chroot the daemon has dropped root and cannot start its successor"
+    url = urllib.parse.urlsplit(read_url(config) or "http://-/")
+    host, port, _ = config.address
+    if url.hostname != "-" and ((port and port != url.port) or host != url.hostname):
+        return f"listen changed to {config.listen}, and the daemon serves {url.geturl()}"
+    script = os.path.abspath(__file__)
+    if script in argv and argv[argv.index(script) + 1:-1] != config.argv():
+        return "the daemon was started with other options than these"
+    return None
+
+
+def _hand_over(config, daemon):
+    """SIGUSR2, then wait until the successor holds the pid file (success) or
+    the daemon reports why it failed; then until the old daemon is gone."""
+    old, sent = daemon.pid, time.time()
+    daemon.signal(signal.SIGUSR2)
+    deadline, look = time.monotonic() + START_TIMEOUT + config.timeout, 0.0
+    while True:
+        try:
+            new = running_pid(config.pidfile)
+        except NotesdError:
+            new = None
+        if new and new != old:
+            break
+        if time.monotonic() >= look:
+            failed = _restart_failure(config, sent)
+            if failed:
+                print(f"notesd: restart failed, pid {old} keeps serving: {failed}",
+                      file=sys.stderr)
+                return 1
+            look = time.monotonic() + 0.1
+        if not daemon.alive() or time.monotonic() >= deadline:
+            print(f"notesd: restart of pid {old} failed; see its log", file=sys.stderr)
+            return 1
+        time.sleep(POLL)
+    if _wait_for(lambda: not daemon.alive(), config.timeout):
+        print(f"notesd stopped, pid {old}")
+    else:
+        print(f"notesd: pid {old} still finishing its requests after {config.timeout:g}s")
+    print(f"notesd {_version_of(config)} running, pid {new}, {read_url(config)}")
+    return 0
+
+
+def _restart_failure(config, sent):
+    """The message of a restart that the daemon reports failed since `sent`."""
+    try:
+        status, body = api_request(config, "/status")
+        if status == 401:
+            status, body = api_request(config, "/health")
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    last = body.get("last_restart") or {}
+    if last.get("at", 0) < sent or last.get("ok"):
+        return None
+    return last.get("message") or "see its log for why"
+
+
+def _version_of(config):
+    """The version the daemon serving at the URL file says (Server header)."""
+    url = urllib.parse.urlsplit(daemon_url(config))
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=config.timeout)
+    try:
+        connection.request("HEAD", "/health")
+        server = connection.getresponse().getheader("Server", "")
+    except (OSError, http.client.HTTPException):
+        server = ""
+    finally:
+        connection.close()
+    return server.partition("/")[2] or "?"
 
 
 def cmd_status(config, args):
@@ -4770,6 +5217,11 @@ def main(argv=None):
         args.token = token
     cli = COMMANDS[args.command]
     try:
+        # Before anything else: the variables must not reach a child.
+        args.listener = inherited_listener()
+        handover = os.environ.pop(HANDOVER_ENVIRONMENT, None)
+        args.handover = (socket.socket(fileno=HANDOVER_FD) if handover == str(HANDOVER_FD)
+                         and args.listener is not None else None)
         config = Config.load(args.config, {key: getattr(args, key) for key in DEFAULTS},
                              lenient=cli.lenient)
         for warning in config.warnings:
