@@ -4868,9 +4868,29 @@ def _cannot_hand_over(config, pid):
     if url.hostname != "-" and ((port and port != url.port) or host != url.hostname):
         return f"listen changed to {config.listen}, and the daemon serves {url.geturl()}"
     script = os.path.abspath(__file__)
-    if script in argv and argv[argv.index(script) + 1:-1] != config.argv():
+    if script in argv and _options(argv[argv.index(script) + 1:]) != _options(config):
         return "the daemon was started with other options than these"
     return None
+
+
+def _options(source):
+    """The -c file and the keys given on a command line (a daemon's argv, or
+    a loaded Config's), paths absolute, token aside: a successor gets its
+    daemon's options, so a restart with others must stop and start."""
+    if not isinstance(source, Config):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                args = build_parser().parse_intermixed_args(source)
+        except SystemExit:
+            return None
+        path = args.config and os.path.abspath(args.config)
+        given = {key: getattr(args, key) for key in DEFAULTS}
+    else:
+        path, given = source.path, source.overrides
+    return path, {key: os.path.abspath(text) if key in PATH_KEYS or (
+                      key == "log" and text not in LOG_TARGETS) else text
+                  for key, text in given.items()
+                  if text is not None and key != "token"}
 
 
 def _hand_over(config, daemon):

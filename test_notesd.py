@@ -342,11 +342,12 @@ class Daemon:
         self.env = env
         self.url = None
         self.seen_pids = set()
+        self.script = NOTESD  # a test may run a copy of notesd.py
 
     # CLI -------------------------------------------------------------------
 
     def argv(self, *command):
-        return [sys.executable, NOTESD] + self.args + [str(c) for c in command]
+        return [sys.executable, self.script] + self.args + [str(c) for c in command]
 
     def cli(self, *command, timeout=CLI_TIMEOUT, env=None, **popen_kw):
         return subprocess.run(self.argv(*command), capture_output=True, text=True,
@@ -4934,3 +4935,248 @@ def test_readme_tells_flask_api_users_what_differs():
 if __name__ == "__main__":
     # The README's test command: python3 test_notesd.py [pytest options]
     sys.exit(pytest.main(["-q", os.path.abspath(__file__), *sys.argv[1:]]))
+
+
+###############################################################################
+# Restarts, upgrades and stops that lose no request (issue 12) ################
+###############################################################################
+#
+# `restart` hands the listening socket to a successor started from the
+# notesd.py on disk (SIGUSR2); a stop closes idle connections at once and
+# answers the requests in flight with Connection: close; `run` serves a socket
+# passed as systemd's socket activation passes it.
+
+
+def _lock_watcher(pidfile, stop, gaps):
+    """Until `stop` is set, ask F_GETLK about the pid file as `status` does;
+    append to `gaps` every moment nobody held a write lock on it."""
+    fmt = "hhqqi4x"
+    query = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    fd = os.open(pidfile, os.O_RDONLY)
+    try:
+        while not stop.is_set():
+            kind = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, query))[0]
+            if kind != fcntl.F_WRLCK:
+                gaps.append(time.monotonic())
+    finally:
+        os.close(fd)
+
+
+def _partial_post(port, text):
+    """A socket with a POST whose head is sent and whose body is half sent
+    (a request in flight), and the rest of its body."""
+    body = json.dumps({"text": text}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % (port, len(body)) + body[:5])
+    return s, body[5:]
+
+
+def _texts(d):
+    return [n["text"] for n in d.get("/?limit=1000").json()]
+
+
+def test_restart_hands_over_with_a_request_in_flight(make_daemon):
+    d = make_daemon()
+    old = d.pid()
+    stop, gaps = threading.Event(), []
+    watcher = threading.Thread(target=_lock_watcher, args=(d.pidfile, stop, gaps))
+    watcher.start()
+    s, rest = _partial_post(d.port, "in flight")
+    restart = subprocess.Popen(d.argv("restart"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: d.pid() not in (None, old), 10, d, "the successor's pid")
+        d.seen_pids.add(d.pid())
+        assert d.post("to the successor").status == 201  # same port, new daemon
+        s.sendall(rest)
+        with s.makefile("rb") as f:
+            status, headers, body = read_reply(f)
+        assert status == 201 and headers.get("connection") == "close", (status, headers)
+        out, err = restart.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        stop.set()
+        watcher.join()
+        s.close()
+        if restart.poll() is None:
+            restart.kill()
+    assert restart.returncode == 0, (out, err, d.log())
+    assert out.splitlines()[0] == "notesd stopped, pid %d" % old, out
+    assert START_LINE.search(out).group(2) == str(d.pid()), out
+    assert not gaps, "the pid file was unlocked %d times during the restart" % len(gaps)
+    assert not alive(old)
+    assert {"in flight", "to the successor"} <= set(_texts(d))
+    assert "Traceback" not in d.log()
+
+
+def test_failed_successor_leaves_the_old_daemon_serving(make_daemon, tmp_path):
+    script = tmp_path / "notesd.py"
+    shutil.copy(NOTESD, str(script))
+    d = make_daemon(start=False)
+    d.script = str(script)
+    d.start()
+    old = d.pid()
+    with open(str(script), "a") as f:
+        f.write("\nthis is not python(\n")
+    # The CLI from a sound copy (a CLI run from the broken file fails itself):
+    # the daemon starts its successor from its own file, now broken.
+    def sound(command):
+        return subprocess.run([sys.executable, NOTESD, *d.args, command], capture_output=True,
+                              text=True, timeout=CLI_TIMEOUT)
+    r = sound("restart")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "SyntaxError" in r.stderr and "keeps serving" in r.stderr, r.stderr
+    assert d.pid() == old and alive(old)
+    assert sound("status").returncode == 0
+    assert d.post("still here").status == 201
+    shutil.copy(NOTESD, str(script))  # mended: now it hands over
+    r = d.cli("restart")
+    assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+    d.after_start()
+    assert d.pid() != old and "still here" in _texts(d)
+
+
+def test_restart_falls_back_to_stop_and_start_when_listen_changes(make_daemon, tmp_path):
+    d = make_daemon()
+    old = d.pid()
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    r = subprocess.run(d.argv("restart", "--listen", "127.0.0.1:%d" % free),
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "listen changed" in r.stdout and "stopping and starting" in r.stdout, r.stdout
+    assert "notesd stopped, pid %d" % old in r.stdout
+    d.after_start()
+    assert d.port == free and not alive(old)
+
+
+def test_stop_under_keep_alive_load_is_prompt_and_runs_nothing_later(make_daemon):
+    d = make_daemon()
+    note = d.note("read me")
+    done, served = threading.Event(), []
+
+    def load():
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=HTTP_TIMEOUT)
+        try:
+            while not done.is_set():
+                conn.request("GET", "/%d/" % note["id"])
+                served.append(conn.getresponse().read())
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    idle = socket.create_connection(("127.0.0.1", d.port), timeout=HTTP_TIMEOUT)
+    busy, rest = _partial_post(d.port, "in flight")
+    try:
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with idle.makefile("rb") as f:
+            assert read_reply(f)[0] == 200
+        wait_until(lambda: len(served) > 100, 10, d, "keep-alive load")
+        started = time.monotonic()
+        stopping = subprocess.Popen(d.argv("stop"), stdout=subprocess.PIPE, text=True)
+        assert closed_by_server(idle, 5.0), "the idle connection stayed open"
+        closed_after = time.monotonic() - started
+        late = json.dumps({"text": "sent after the stop"}).encode()
+        busy.sendall(rest + b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(late) + late)
+        with busy.makefile("rb") as f:
+            status, headers, _ = read_reply(f)
+            assert status == 201 and headers.get("connection") == "close", (status, headers)
+            try:
+                assert f.read() == b""  # the pipelined request got no answer
+            except ConnectionResetError:
+                pass
+        stopping.wait(timeout=CLI_TIMEOUT)
+        elapsed = time.monotonic() - started
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=CLI_TIMEOUT)
+        idle.close()
+        busy.close()
+    assert stopping.returncode == 0
+    assert closed_after < 1.0 and elapsed < 1.5, (closed_after, elapsed)
+    d.start()
+    texts = _texts(d)
+    assert "in flight" in texts and "sent after the stop" not in texts, texts
+
+
+def test_run_serves_a_socket_passed_as_systemd_passes_it(tmp_path):
+    """The launcher binds, forks and execs `notesd.py run` with the socket
+    on fd 3, LISTEN_FDS=1 and LISTEN_PID, as systemd does (sd_listen_fds(3))."""
+    d = Daemon(tmp_path / "sa")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    early = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)
+    early.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
+    log = os.open(str(tmp_path / "sa.err"), os.O_WRONLY | os.O_CREAT, 0o600)
+    pid = os.fork()
+    if pid == 0:  # the launcher's child: nothing but system calls, then exec
+        try:
+            os.dup2(listener.fileno(), 3)
+            os.dup2(log, 2)
+            env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+            os.execve(sys.executable, d.argv("run"), env)
+        finally:
+            os._exit(127)
+    os.close(log)
+    listener.close()  # the daemon's now
+    try:
+        with early.makefile("rb") as f:  # queued before notesd ran: answered
+            assert read_reply(f)[0] == 200
+        wait_until(lambda: os.path.exists(d.urlfile), 10, d, "the url file")
+        d.after_start()
+        assert d.port == port and d.pid() == pid
+        assert d.post("activated").status == 201
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            assert b"LISTEN_FDS" in f.read()  # exec-time; the daemon unset its own copy
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 10, d, "exit")
+        pid = None
+    finally:
+        early.close()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        d.cleanup()
+
+
+def test_restart_of_a_run_daemon_speaks_sd_notify(tmp_path):
+    address = "@notesd-test-notify-%s" % os.urandom(6).hex()
+    listener = NotifyListener(address)
+    d = Daemon(tmp_path / "fg")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_FDS")}
+    env.update(NOTIFY_SOCKET=address)
+    proc = None
+    try:
+        with open(str(tmp_path / "fg.err"), "w") as err:
+            proc = subprocess.Popen(d.argv("run"), env=env, stdout=err, stderr=err)
+        wait_until(lambda: listener.since(0, "READY", "1"), 10, d, "READY=1")
+        d.after_start()
+        mark = len(listener.messages)
+        r = d.cli("restart")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        new = d.pid()
+        d.seen_pids.add(new)
+        reloading = listener.since(mark, "RELOADING", "1")
+        assert reloading, listener.messages
+        ready = [i for i in listener.since(reloading[0], "READY", "1")
+                 if listener.messages[i].get("MAINPID") == str(new)]
+        assert ready, listener.messages
+        assert not listener.since(mark, "STOPPING"), listener.messages  # the old one says nothing
+        assert proc.wait(timeout=10) == 0
+        assert d.get("/health").status == 200
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=CLI_TIMEOUT)
+        listener.close()
+        d.cleanup()
