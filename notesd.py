@@ -19,7 +19,9 @@ Usage:
 Commands and exit codes (LSB init-script conventions):
     start       daemonize, return once serving: 0 running (also if it was), 1 failed
     stop        SIGTERM and wait (timeout, --force: SIGKILL): 0 stopped, 1 still running
-    restart     stop, then start (6, before stopping, if the configuration is invalid)
+    restart     hand over to a new daemon from the notesd.py on disk (SIGUSR2), which
+                inherits the listening socket; else stop, then start: 0 serving, 1 failed
+                (the old daemon keeps serving), 6 invalid configuration
     reload      check the file, SIGHUP, wait for the verdict: 0 applied, 6 invalid, 7 not running
     status      0 running, 1 dead but pid file exists, 3 not running, 4 unknown
     run         the daemon in the foreground (systemd, containers, debugging)
@@ -5172,8 +5174,9 @@ COMMANDS = {
     "start": Cli(cmd_start, "start the daemon; returns once it serves", False, None),
     "stop": Cli(cmd_stop, "stop it (SIGTERM; --force adds SIGKILL after the timeout)",
                 True, None),
-    "restart": Cli(cmd_restart, "stop, then start (refused, before stopping, if the "
-                   "configuration is invalid)", False, None),
+    "restart": Cli(cmd_restart, "hand over to a new daemon started from the notesd.py on "
+                   "disk, which inherits the listening socket (else stop, then start); "
+                   "refused, before anything, if the configuration is invalid", False, None),
     "reload": Cli(cmd_reload, "re-read the config file (SIGHUP) and confirm", False, None),
     "status": Cli(cmd_status, "is it running? (LSB exit codes)", True,
                   (4, "notesd status unknown: {}")),
