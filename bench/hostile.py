@@ -61,7 +61,7 @@ PROBE_TIMEOUT = 60.0       # seconds a probe waits before it counts as unanswere
 ANSWER_WITHIN = 1.0        # the issue's target for /health and new clients
 SETTLE_TIMEOUT = 120.0     # seconds to wait for the daemon's threads to drain
 MEMORY_TARGET_MB = 300.0
-HEAD_START = b"GET / HTTP/1.1\r\nHost: x\r\n"
+HEAD_START = b"GET / HTTP/1.1\r\nHost: localhost\r\n"
 T0 = time.monotonic()
 
 
@@ -156,7 +156,7 @@ def probe(port, timeout=PROBE_TIMEOUT):
     """One GET /health on a new connection: its status, or why there was none."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             data = b""
             while b"\r\n" not in data:
                 chunk = s.recv(4096)
@@ -381,7 +381,7 @@ def dribble(cfg, new_daemon, results):
     daemon = new_daemon("dribble", "--timeout", str(timeout))
     for part, head, dribbled in (
             ("head", b"", HEAD_START + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"),
-            ("body", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            ("body", b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 300\r\n\r\n", b'{"text": "' + b"a" * 300 + b'"}')):
         log("dribble/%s: one byte a second, timeout %g s" % (part, timeout))
         give_up = 4 * timeout
@@ -437,7 +437,7 @@ def _body_hog(port, done, size):
                  b"filename=\"f.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n")
     tail = b"\r\n--" + boundary + b"--\r\n"
     body = head_part + b"a" * (size - len(head_part) - len(tail)) + tail
-    head = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary="
+    head = (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary="
             + boundary + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
