@@ -20,7 +20,7 @@ Commands and exit codes (LSB init-script conventions):
     start       daemonize, return once serving: 0 running (also if it was), 1 failed
     stop        SIGTERM and wait (timeout, --force: SIGKILL): 0 stopped, 1 still running
     restart     hand over to a new daemon from the notesd.py on disk (SIGUSR2), which
-                inherits the listening socket; else stop, then start: 0 serving, 1 failed
+                inherits the listening socket; else stop, then start: 0 running, 1 failed
                 (the old daemon keeps serving), 6 invalid configuration
     reload      check the file, SIGHUP, wait for the verdict: 0 applied, 6 invalid, 7 not running
     status      0 running, 1 dead but pid file exists, 3 not running, 4 unknown
