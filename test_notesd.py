@@ -15,6 +15,7 @@ for the privilege, chroot and network-namespace tests (skipped otherwise).
 """
 
 import ast
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -5007,6 +5008,51 @@ def test_restart_hands_over_with_a_request_in_flight(make_daemon):
     assert not alive(old)
     assert {"in flight", "to the successor"} <= set(_texts(d))
     assert "Traceback" not in d.log()
+
+
+def _keep_alive_client(port, stop, counts):
+    """GET /health over and over on a kept-alive connection, the next request
+    sent as soon as a reply is read, as wrk does; a new connection only after
+    a reply that said Connection: close. Counts replies, and connections that
+    ended any other way (a reset, or a close with a request unanswered)."""
+    request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as s, \
+                    s.makefile("rb") as f:
+                while not stop.is_set():
+                    s.sendall(request)
+                    status, headers, _ = read_reply(f)
+                    counts["replies"] += 1
+                    if headers.get("connection") == "close":
+                        break
+        except (OSError, ValueError, AssertionError):
+            counts["broken"] += 1
+
+
+def test_restart_keeps_every_kept_alive_client_whole(make_daemon):
+    # A connection ends on a restart only after a reply that said so: closing
+    # one whose reply had not (written just before the stop marked it), while
+    # its client sent the next request, reset it (wrk: 5 in 10 restarts).
+    d = make_daemon()
+    stop, counts = threading.Event(), collections.Counter()
+    clients = [threading.Thread(target=_keep_alive_client, args=(d.port, stop, counts))
+               for _ in range(8)]
+    for client in clients:
+        client.start()
+    try:
+        for _ in range(4):
+            old, before = d.pid(), counts["replies"]
+            r = d.cli("restart")
+            assert r.returncode == 0, (r.stdout, r.stderr, d.log())
+            d.seen_pids.add(d.pid())
+            assert d.pid() != old
+            wait_until(lambda: counts["replies"] > before + 100, 10, d, "replies after a restart")
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=CLI_TIMEOUT)
+    assert counts["broken"] == 0, (counts, d.log()[-2000:])
 
 
 def test_failed_successor_leaves_the_old_daemon_serving(make_daemon, tmp_path):
