@@ -4977,6 +4977,52 @@ def _texts(d):
     return [n["text"] for n in d.get("/?limit=1000").json()]
 
 
+def _accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT).close()
+        return True
+    except ConnectionRefusedError:
+        return False
+
+
+def _unread_by_daemon(sock):
+    """Bytes that sock sent and the daemon's end has not read yet: the receive
+    queue of the daemon's socket for this connection (/proc/net/tcp, proc(5))."""
+    here, there = sock.getsockname()[1], sock.getpeername()[1]
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+            if (local, remote) == (there, here):
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def test_a_body_arriving_in_parts_during_a_stop_is_answered(make_daemon):
+    # A stop re-arms each reader (armed = None): a body read in a third part
+    # after that compared its time left with None, and the request ended in
+    # a traceback without a reply.
+    d = make_daemon()
+    s, rest = _partial_post(d.port, "arrives in three parts")
+    try:
+        wait_until(lambda: _unread_by_daemon(s) == 0, daemon=d, what="the first part read")
+        stop = subprocess.Popen(d.argv("stop"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # The listener closes just before the stop's first last_call.
+            wait_until(lambda: not _accepts(d.port), daemon=d, what="the listener closed")
+            s.sendall(rest[:3])
+            wait_until(lambda: _unread_by_daemon(s) == 0, daemon=d, what="the second part read")
+            s.sendall(rest[3:])
+            with s.makefile("rb") as f:
+                status, headers, body = read_reply(f)
+        finally:
+            stop.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        s.close()
+    assert status == 201 and headers.get("connection") == "close", (status, headers, body)
+    assert "Traceback" not in d.log()
+
+
 def test_restart_hands_over_with_a_request_in_flight(make_daemon):
     d = make_daemon()
     old = d.pid()
