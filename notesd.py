@@ -165,7 +165,7 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000
 #: is larger). Without it, 1000 notes of max_body bytes would be a reply of
 #: gigabytes, built in memory (issue 9); 4 MiB is a page of 1000 notes of 4 KiB.
 PAGE_BYTES = 4 << 20
-#: Room for a note's JSON other than its text (id, url, dates), generously.
+#: Room for a note's JSON other than its text and its url's base (id, dates).
 NOTE_JSON_ROOM = 256
 #: sqlite virtual-machine steps between two looks at the clock of the key
 #: `command_budget` (sqlite's progress handler).
@@ -1742,8 +1742,11 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 FORM_METHODS = frozenset({"PUT", "DELETE", "PATCH"})
 #: The ?done= of the page a browser's form post leads to, by its method.
 DONE = {"POST": "created", "PUT": "saved", "DELETE": "deleted", "PATCH": "changed"}
-#: A Host header we are willing to echo into URLs (RFC 9110 7.2; RFC 3986 3.2.2).
-HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+#: A Host header we are willing to echo into URLs (RFC 9110 7.2; RFC 3986 3.2.2):
+#: a name of at most 253 characters (RFC 1035 2.3.4), or an IPv6 literal. A
+#: 32 KB Host (allowed_hosts = *) was repeated in every note's url: a page of
+#: 1000 notes was 32 MB, eight times PAGE_BYTES (attack review).
+HOST_RE = re.compile(r"(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 #: The largest id SQLite can store; a larger one names no note.
 SQLITE_MAX_INT = 2**63 - 1
 #: The most fields in a header section, as http.client allows; 431 above.
@@ -2503,7 +2506,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               "tab, LF and CR")
         rows = self.server.loop.submit("list", after, limit + 1, text)
         base, headers = self.base_url(), []
-        notes, encoded = _encode_page([_note_json(row, base) for row in rows[:limit]])
+        notes, encoded = _encode_page([_note_json(row, base) for row in rows[:limit]], len(base))
         pages = {}  # what the browsable page links to as next and previous
         if len(rows) > len(notes):  # rows left over: another page exists (RFC 8288)
             following = {"after": notes[-1]["id"], "limit": limit,
@@ -2803,15 +2806,17 @@ class EncodedList(list):
         self.pages = pages or {}
 
 
-def _encode_page(notes):
+def _encode_page(notes, url_room):
     """(the notes that fit, their JSON): as many as fit in PAGE_BYTES, at
     least one. A page that fits whatever its text holds is encoded whole:
     a json.dumps() per note cost a page of 100 small notes a third of its
     speed. JSON may spell a character in 12 bytes (a surrogate pair of
     \\u escapes), so only a page whose text is under a twelfth of
     PAGE_BYTES is sure to fit; a longer one is encoded note by note, never
-    more than PAGE_BYTES and one note at a time in memory."""
-    if sum(len(note["text"]) + NOTE_JSON_ROOM for note in notes) * 12 <= PAGE_BYTES:
+    more than PAGE_BYTES and one note at a time in memory. `url_room`: the
+    length of the base each note's url starts with."""
+    room = NOTE_JSON_ROOM + url_room
+    if sum(len(note["text"]) + room for note in notes) * 12 <= PAGE_BYTES:
         return notes, json.dumps(notes).encode() + b"\n"  # ASCII: a character is a byte
     parts, size = [], 2
     for note in notes:

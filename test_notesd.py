@@ -3420,6 +3420,20 @@ def test_star_allows_any_name_and_same_origin_writes(make_daemon):
     assert_error(r, 403)
 
 
+def test_a_host_longer_than_a_host_name_is_not_echoed_into_urls(make_daemon):
+    # With *, any Host is served; one longer than a DNS name (253) was put in
+    # every note's url, and a page of 1000 notes under a 32 KB Host was 32 MB,
+    # eight times PAGE_BYTES (attack review).
+    d = make_daemon("--allowed-hosts", "*")
+    assert d.post("one").status == 201
+    for host in ("a" * 254, "a" * 32000):
+        r = _addressed(d, "GET", "/", host)
+        assert r.status == 200, r
+        url = r.json()[0]["url"]
+        assert url == "http://127.0.0.1:%d/1/" % d.port, url[:100]
+    assert _addressed(d, "GET", "/1/", "a" * 253).json()["url"] == "http://%s/1/" % ("a" * 253)
+
+
 def _multipart(text):
     boundary = "notesd-boundary"
     body = ('--%s\r\nContent-Disposition: form-data; name="text"\r\n\r\n%s\r\n--%s--\r\n'
