@@ -137,10 +137,11 @@ HANDOVER_FD = 4
 #: spare. Never more than half the open-file limit, however low it is; the
 #: connections closed to make room (EVICTING_MAX) come out of the rest.
 FD_RESERVE = 32
-#: seconds a request's head may take before, with every connection slot
-#: taken, its connection may be closed (408) to make room for a new client.
-#: A client on any real network sends a head in a round trip or two; one
-#: that takes a second holds a slot on purpose (slowloris) or cannot keep up.
+#: seconds a request's head, or its body, may take before, with every
+#: connection slot taken, its connection may be closed (408) to make room for
+#: a new client. A client on any real network sends a head in a round trip or
+#: two; one that takes a second holds a slot on purpose (slowloris) or cannot
+#: keep up.
 SLOW_HEAD = 1.0
 #: connections closed to make room whose threads may still be finishing
 #: while new ones take their slots. A closed connection's thread needs the
@@ -1943,9 +1944,9 @@ class BodyBudget:
 
 
 #: Where a connection is, for the connection cap (ApiServer.make_room):
-#: waiting for the first byte of a request, inside a request's head, or past
-#: it (reading the body, waiting for the main loop, writing the reply).
-IDLE, HEAD, BUSY = "idle", "head", "busy"
+#: waiting for the first byte of a request, inside a request's head, reading
+#: its body, or past them (waiting for the main loop, writing the reply).
+IDLE, HEAD, BODY, BUSY = "idle", "head", "body", "busy"
 
 
 def _timeval(seconds):
@@ -2083,7 +2084,8 @@ class _KernelTimedReader(io.RawIOBase):
     def evictable(self, now):
         """Accept thread: may this connection be closed to make room?"""
         return not self.evicted and (
-            self.phase == IDLE or (self.phase == HEAD and now - self.since >= SLOW_HEAD))
+            self.phase == IDLE or
+            (self.phase in (HEAD, BODY) and now - self.since >= SLOW_HEAD))
 
     def nothing_sent(self):
         """Accept thread: True if no byte waits in the socket either (MSG_PEEK).
@@ -2118,12 +2120,13 @@ class ApiServer(http.server.ThreadingHTTPServer):
     less if the open-file limit leaves room for less. At the cap it makes
     room as nginx does when worker_connections run short: it closes the
     connection idle the longest (kept alive, or never sent a byte); failing
-    that, the one whose request head has been arriving the longest, if for
-    more than SLOW_HEAD (slowloris; it gets 408). Otherwise the new
-    connection gets 503 with Retry-After and Connection: close, at once,
-    from the accept thread, without a thread of its own. Connections past
-    their head are never closed for room: their requests are bounded by
-    the deadline (_KernelTimedReader) and the main loop's reply timeout.
+    that, the one whose request head or body has been arriving the
+    longest, if for more than SLOW_HEAD (slowloris, and its cousin that
+    stalls in the body: 520 of those held every slot for `timeout`; it
+    gets 408). Otherwise the new connection gets 503 with Retry-After and
+    Connection: close, at once, from the accept thread, without a thread of
+    its own. A request read whole is never closed for room: it is bounded
+    by the main loop's reply timeout.
     The new connection takes a closed one's slot at once, while its thread
     finishes: up to EVICTING_MAX of them, within the open-file limit.
 
@@ -2242,7 +2245,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
             while self.victims:
                 reader = self.victims.popleft()
                 if self.connections.get(reader.sock) is reader and reader.evictable(now) \
-                        and (reader.phase == HEAD or reader.nothing_sent()):
+                        and (reader.phase != IDLE or reader.nothing_sent()):
                     return reader
             if fresh:
                 return None
@@ -2614,14 +2617,18 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return framing
 
     def read_body(self):
-        """The body, whatever its framing: the one way every handler reads one."""
+        """The body, whatever its framing: the one way every handler reads one.
+        Meanwhile the connection is in its BODY phase: one stalled there may
+        be closed for room, as a slow head may (ApiServer.victim)."""
         framing = self.reserve_body()
+        self.reader.phase, self.reader.since = BODY, time.monotonic()
         if framing == CHUNKED:
             body = read_chunked(self.rfile, self.server.config.max_body)
         else:
             body = self.rfile.read(framing)
             if len(body) < framing:
                 raise ConnectionAbortedError("the client closed the connection mid-body")
+        self.reader.phase = BUSY
         self.body_unread = False
         return body
 

@@ -4268,8 +4268,10 @@ def test_bodies_in_flight_are_released_on_every_path(make_daemon):
 
 #: the daemon's threads besides the connections': main, http (accept), signals
 BASE_THREADS = 3
-#: a request whose head is in and whose body is not: a busy connection,
-#: which the cap never reclaims
+#: notesd.SLOW_HEAD: after this, a stalled head or body may be closed for room.
+SLOW_HEAD = 1.0
+#: a request whose head is in and whose body is not: a connection the cap
+#: reclaims only once its body has stalled for SLOW_HEAD
 BODY_STARTED = (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n{")
 #: a request head that never ends
@@ -4337,6 +4339,7 @@ def _fd_limit(soft, hard):
 
 def test_above_max_connections_a_new_connection_gets_503_at_once(make_daemon):
     d = make_daemon("--max-connections", "20", "--timeout", "3")
+    held_at = time.monotonic()
     held = _connections(d.port, 20, BODY_STARTED)
     try:
         t0 = time.monotonic()
@@ -4349,13 +4352,15 @@ def test_above_max_connections_a_new_connection_gets_503_at_once(make_daemon):
         assert headers.get("retry-after"), headers
         assert closed, "the daemon kept a connection open above its cap"
         assert elapsed < 1, "the 503 took %.2fs" % elapsed
-        more = _connections(d.port, 10, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        more = _connections(d.port, 10, b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Connection: close\r\n\r\n")
         try:
             wait_until(lambda: all(_closed_by_daemon(s) for s in more), daemon=d,
                        what="the connections above the cap refused and closed")
         finally:
             _close_all(more)
-        assert _threads(d.pid()) <= 20 + BASE_THREADS
+        if time.monotonic() - held_at < SLOW_HEAD:  # later, stalled bodies may go for room
+            assert _threads(d.pid()) <= 20 + BASE_THREADS
     finally:
         _close_all(held)
     wait_until(lambda: d.get("/health").status == 200, daemon=d,
@@ -4370,16 +4375,44 @@ def test_a_request_that_has_arrived_is_never_closed_for_room(make_daemon):
     # the code before the fix about one flood in twenty did it, so sixty
     # floods catch it nearly always.
     d = make_daemon("--max-connections", "20", "--timeout", "3")
+    late = 0
     for flood in range(60):
+        t0 = time.monotonic()
         held = _connections(d.port, 20, BODY_STARTED)
         try:
             status, _, body, _ = exchange(
                 d.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", closes=True)
-            assert status == 503, (flood, status, body)
+            if status != 503 and time.monotonic() - t0 >= SLOW_HEAD:
+                late += 1  # a loaded machine: a body stalled SLOW_HEAD may go, rightly
+            else:
+                assert status == 503, (flood, status, body)
         finally:
             _close_all(held)
         wait_until(lambda: _threads(d.pid()) <= BASE_THREADS, daemon=d,
                    what="the held connections' threads ended")
+    assert late < 30, "the machine was too slow to hold the connections for the test"
+    d.assert_serving()
+
+
+def test_at_the_cap_a_body_stalled_past_slow_head_is_closed_for_a_new_client(make_daemon):
+    # RUDY, slowloris's cousin: a complete head, then a body byte and nothing
+    # more. Past its head a request was never closed for room: 520 of them
+    # held every slot for `timeout`, /health included (attack review).
+    d = make_daemon("--max-connections", "4", "--timeout", "60")
+    stalled = b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" \
+              b"Content-Length: 100\r\n\r\n{"
+    held = _connections(d.port, 4, stalled)
+    try:
+        def probe():
+            status, _, _, _ = exchange(
+                d.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", closes=True)
+            return status == 200
+        wait_until(probe, 10, d, "/health served while stalled bodies hold every slot")
+        with held[0].makefile("rb") as f:  # the longest stalled goes first
+            status, _, body = read_reply(f)
+        assert status == 408, (status, body)
+    finally:
+        _close_all(held)
     d.assert_serving()
 
 
