@@ -166,6 +166,16 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000
 #: is larger). Without it, 1000 notes of max_body bytes would be a reply of
 #: gigabytes, built in memory (issue 9); 4 MiB is a page of 1000 notes of 4 KiB.
 PAGE_BYTES = 4 << 20
+#: A reply larger than this many bytes is counted in REPLIES_HELD while it is
+#: written, and written apart from its head (no copy).
+REPLY_SMALL = 64 << 10
+#: bytes of large replies being built or written at once, all clients
+#: together (8 pages of PAGE_BYTES); above it a large reply is 503. A page is
+#: several copies of its text while it is built (rows, notes, JSON, bytes),
+#: and a client that reads nothing holds its reply for `timeout`: 100
+#: clients asking for 4 MiB pages at once took the daemon to 600 MB (attack
+#: review).
+REPLIES_HELD = 32 << 20
 #: Room for a note's JSON other than its text and its url's base (id, dates).
 NOTE_JSON_ROOM = 256
 #: sqlite virtual-machine steps between two looks at the clock of the key
@@ -1412,6 +1422,11 @@ class MainLoop:
                     self.store.begin()
             results = run()
         except NotesdError as e:
+            # Without its traceback: that holds the frames it left, their
+            # locals (a page of rows) too, and the commands hold the error,
+            # a cycle only the cyclic GC frees. 100 refused 4 MiB pages held
+            # 300 MB that way (attack review).
+            e = e.with_traceback(None)
             for command in commands:
                 command.error = e
             return False
@@ -1475,7 +1490,22 @@ class MainLoop:
     # -- command handlers (main thread only) ---------------------------------
     # Writes return (reply, created?, change to the note count).
 
-    def do_list(self, after, limit, text, backwards=False):
+    def do_list(self, after, limit, text, backwards=False, replies=None):
+        """(rows, bytes held): a page. A large one is counted in `replies`
+        (the server's ByteBudget for large replies) here, before the rows
+        leave the loop, or refused (503): 100 clients asking for 4 MiB pages
+        at once had 100 pages built at once (1 GB; attack review). The HTTP
+        thread gives the bytes back when its request ends."""
+        rows = self._page(after, limit, text, backwards)
+        size = sum(len(row.text) for row in rows) if replies is not None else 0
+        if size <= REPLY_SMALL:
+            return rows, 0
+        if not replies.reserve(size, REPLIES_HELD):
+            raise _http_error(503, "too many large replies in flight; try again",
+                              ("Retry-After", "1"))
+        return rows, size
+
+    def _page(self, after, limit, text, backwards):
         scan = text and not self.store.indexes(text)
         hint = (f"a ?q= that the index cannot serve (shorter than {SEARCH_MIN} characters) "
                 "scans every note: use a longer one" if scan else
@@ -1914,13 +1944,15 @@ def read_chunked(rfile, limit):
         body += data
 
 
-class BodyBudget:
-    """The bytes of request bodies held at once, all connections together,
-    bounded by the live key max_body_total: without it, 400 clients posting
-    1 MiB multipart bodies at once took 3.5 GB (VmHWM). A request reserves its body's
-    bytes before reading it (all of max_body for a chunked body, whose length
-    is unknown) and is answered 503 if they do not fit; the handler gives
-    them back when the request ends, however it ends.
+class ByteBudget:
+    """Bytes held at once, all connections together, under a bound; one for
+    request bodies (the live key max_body_total: without it, 400 clients
+    posting 1 MiB multipart bodies at once took 3.5 GB, VmHWM), one for
+    large replies (REPLIES_HELD). A request reserves its body's bytes before
+    reading it (all of max_body for a chunked body, whose length is unknown)
+    and is answered 503 if they do not fit; the handler gives them back when
+    the request ends, however it ends. A large reply reserves its bytes
+    before it is written, and gives them back once it is (respond).
 
     Any HTTP thread. A lock, where the main loop's state has none: this is
     the connections' own accounting, and the lock is held for an addition."""
@@ -2145,7 +2177,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         host, port, self.address_family = config.address
         self.config = config
         self.loop = None
-        self.bodies = BodyBudget()
+        self.bodies, self.replies = ByteBudget(), ByteBudget()
         if listener is not None:
             self._adopt(listener)
         else:
@@ -2367,7 +2399,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         # The bytes its body reserved (reserve_body) go back whatever happens:
         # a reply, an error, a vanished client; only once the reply is
         # written, for a note's text is in it too.
-        self.body_framing, self.reserved = None, 0
+        self.body_framing, self.reserved, self.reply_held = None, 0, 0
         try:
             super().handle_one_request()
             if self.reader.expired and self.reader.phase == HEAD:
@@ -2376,6 +2408,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         finally:
             if self.reserved:
                 self.server.bodies.release(self.reserved)
+            if self.reply_held:
+                self.server.replies.release(self.reply_held)
 
     def dispatch(self):
         self.reader.phase = BUSY  # the head is in: never closed to make room now
@@ -2507,7 +2541,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             # ("unterminated string"): a storage error, not the client's.
             raise _http_error(400, "'q' holds a control character; notes hold none but "
                               "tab, LF and CR")
-        rows = self.server.loop.submit("list", after, limit + 1, text)
+        rows, self.reply_held = self.server.loop.submit(
+            "list", after, limit + 1, text, False, self.server.replies)
         base, headers = self.base_url(), []
         notes, encoded = _encode_page([_note_json(row, base) for row in rows[:limit]], len(base))
         pages = {}  # what the browsable page links to as next and previous
@@ -2519,7 +2554,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if after and self.wants_html():
             # The page that ends at `after`: the `limit` notes up to it, newest
             # first; it starts after the one before the oldest of them.
-            earlier = self.server.loop.submit("list", after, limit, text, True)
+            earlier, _ = self.server.loop.submit("list", after, limit, text, True)
             if earlier:
                 back = {"after": earlier[-1].id - 1, "limit": limit, **({"q": text} if text else {})}
                 if not back["after"]:
@@ -2598,7 +2633,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def reserve_body(self):
         """The body's framing (a length or CHUNKED) once its bytes are reserved
-        in the server's BodyBudget, or the error that refuses it from the
+        in the server's ByteBudget, or the error that refuses it from the
         headers alone, without reading it: 411, 413, 503 (the connection then
         closes: the body is unread). handle_one_request() releases them."""
         framing, config = self.body_framing, self.server.config
@@ -2670,7 +2705,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def respond(self, status, payload, headers=()):
         """Status line, headers and body in one write (one TCP segment for a
-        small reply, and no Nagle stall between them)."""
+        small reply, and no Nagle stall between them). A reply larger than
+        REPLY_SMALL is written only if its bytes fit in the server's budget
+        for replies (hold_reply), else 503."""
         if payload is None:
             body, content_type = b"", None
         elif self.wants_html():
@@ -2680,6 +2717,28 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             body, content_type = payload.encoded, JSON_TYPE
         else:
             body, content_type = json.dumps(payload).encode() + b"\n", JSON_TYPE
+        try:
+            self.hold_reply(len(body))
+        except NotesdError as e:
+            status, headers, content_type = e.status, e.headers, JSON_TYPE
+            body = json.dumps({"message": str(e)}).encode() + b"\n"
+        self.send_reply(status, body, content_type, headers)
+
+    def hold_reply(self, size):
+        """Count a reply of `size` bytes in the server's budget for large
+        replies (REPLIES_HELD) until the request ends (handle_one_request),
+        or refuse it, 503. A page is counted already, by the main loop, before
+        its rows leave it (MainLoop.do_list); any other large reply is, here,
+        before it is written."""
+        if size > REPLY_SMALL and not self.reply_held:
+            if not self.server.replies.reserve(size, REPLIES_HELD):
+                raise _http_error(503, "too many large replies in flight; try again",
+                                  ("Retry-After", "1"))
+            self.reply_held = size
+
+    def send_reply(self, status, body, content_type, headers):
+        """respond()'s write. A large body goes in a write of its own rather
+        than be copied after its head."""
         if getattr(self, "body_unread", False) or self.reader.last:  # last: notesd stops
             self.close_connection = True
         head = STATUS_HEADS[status] + f"Date: {http_date()}\r\n"
@@ -2694,7 +2753,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":  # it asked to keep alive: say yes
             head += "Connection: keep-alive\r\n"
         data = (head + "\r\n").encode("latin-1")
-        self.wfile.write(data if self.command == "HEAD" else data + body)
+        if self.command == "HEAD":
+            self.wfile.write(data)
+        elif len(body) <= REPLY_SMALL:
+            self.wfile.write(data + body)
+        else:
+            self.wfile.write(data)
+            self.wfile.write(body)
         self.server.loop.responses.append(status)
         if self.server.config.access_log:
             log.info('%s "%s" %d %d', self.client_address[0],

@@ -3420,6 +3420,42 @@ def test_star_allows_any_name_and_same_origin_writes(make_daemon):
     assert_error(r, 403)
 
 
+def _has_reply(sock):
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def test_large_pages_asked_at_once_are_bounded_in_memory(make_daemon):
+    # 100 clients ask for a 4 MiB page at once and read nothing: every page
+    # was built at once, several copies of its text each, and the daemon went
+    # to 600 MB (attack review). Past REPLIES_HELD a large page is 503.
+    d = make_daemon("--timeout", "30")
+    text = "x" * 4000
+    for _ in range(1000):
+        assert d.post(text).status == 201
+    request = b"GET /?limit=1000 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    stuck = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=HTTP_TIMEOUT)
+            s.sendall(request)
+            stuck.append(s)
+        wait_until(lambda: all(_has_reply(s) for s in stuck), 60, d,
+                   "every client's reply begun")
+        vm_hwm = int(proc_status(d.pid())["VmHWM"].split()[0]) // 1024
+        refused = 0
+        for s in stuck:
+            s.settimeout(HTTP_TIMEOUT)
+            refused += s.recv(12) == b"HTTP/1.1 503"
+    finally:
+        _close_all(stuck)
+    assert vm_hwm < 300, "peak RSS %d MB" % vm_hwm
+    assert refused, "no page was refused"
+    d.assert_serving()
+
+
 def test_a_host_longer_than_a_host_name_is_not_echoed_into_urls(make_daemon):
     # With *, any Host is served; one longer than a DNS name (253) was put in
     # every note's url, and a page of 1000 notes under a 32 KB Host was 32 MB,
