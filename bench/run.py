@@ -706,6 +706,31 @@ def git_head(script):
         return None
 
 
+def report(path, doc, rows, error, headline, render):
+    """The end of a benchmark: the elapsed time and load in doc's meta, the
+    PASS and FAIL rows counted, doc written to `path` as JSON, then the
+    headline (its load average added), the table and the verdict printed.
+    The exit status: 0 every target met, 1 some missed, 2 incomplete."""
+    meta = doc["meta"]
+    meta["loadavg_after"] = os.getloadavg()
+    meta["elapsed_s"] = round(time.monotonic() - T0, 1)
+    n_fail = sum(1 for r in rows if r.get("result") == "FAIL")
+    n_pass = sum(1 for r in rows if r.get("result") == "PASS")
+    doc.update(complete=error is None, error=error, summary={"pass": n_pass, "fail": n_fail},
+               rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    print(headline + "load avg %.2f -> %.2f" % (meta["loadavg_before"][0], meta["loadavg_after"][0]))
+    if rows:
+        print(render(rows))
+    print("%d PASS, %d FAIL%s; %.0f s; results in %s"
+          % (n_pass, n_fail, "; INCOMPLETE: " + error if error else "", meta["elapsed_s"], path))
+    if error:
+        return 2
+    return 1 if n_fail else 0
+
+
 def preflight(prog, notesd):
     """Before a benchmark: the absolute path of the notesd.py to run, or None
     after saying why not (no such file, no wrk); from now on SIGTERM ends
@@ -777,26 +802,10 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    meta["loadavg_after"] = os.getloadavg()
-    meta["elapsed_s"] = round(time.monotonic() - T0, 1)
-    n_fail = sum(1 for r in res.rows if r.get("result") == "FAIL")
-    n_pass = sum(1 for r in res.rows if r.get("result") == "PASS")
-    doc = {"meta": meta, "complete": error is None, "error": error,
-           "summary": {"pass": n_pass, "fail": n_fail}, "rows": res.rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
-    print("notesd %s (%s) vs bare.py%s, %d s per wrk run, load avg %.2f -> %.2f"
-          % (meta.get("notesd_version"), meta["git_head"], "  [--quick]" if args.quick else "",
-             cfg["duration"], meta["loadavg_before"][0], meta["loadavg_after"][0]))
-    if res.rows:
-        print(render_table(res.rows))
-    print("%d PASS, %d FAIL%s; %.0f s; results in %s"
-          % (n_pass, n_fail, "; INCOMPLETE: " + error if error else "", meta["elapsed_s"],
-             args.json))
-    if error:
-        return 2
-    return 1 if n_fail else 0
+    headline = ("notesd %s (%s) vs bare.py%s, %d s per wrk run, "
+                % (meta.get("notesd_version"), meta["git_head"], "  [--quick]" if args.quick else "",
+                   cfg["duration"]))
+    return report(args.json, {"meta": meta}, res.rows, error, headline, render_table)
 
 
 if __name__ == "__main__":

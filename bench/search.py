@@ -912,28 +912,10 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     meta = out["meta"]
-    meta["loadavg_after"] = os.getloadavg()
-    meta["elapsed_s"] = round(time.monotonic() - rb.T0, 1)
-    rows = summarize(out, cfg)
-    n_fail = sum(r["result"] == "FAIL" for r in rows)
-    n_pass = sum(r["result"] == "PASS" for r in rows)
-    out.update(complete=error is None, error=error, summary={"pass": n_pass, "fail": n_fail},
-               rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    print("notesd %s (%s), search benchmark%s: %d notes, storm %d s, big %d; load avg %.2f -> %.2f"
-          % (meta.get("notesd_version"), meta["git_head"], "  [--quick]" if args.quick else "",
-             cfg["notes"], cfg["storm_s"], cfg["big"], meta["loadavg_before"][0],
-             meta["loadavg_after"][0]))
-    if rows:
-        print(render(rows))
-    print("%d PASS, %d FAIL%s; %.0f s; results in %s"
-          % (n_pass, n_fail, "; INCOMPLETE: " + error if error else "", meta["elapsed_s"],
-             args.json))
-    if error:
-        return 2
-    return 1 if n_fail else 0
+    headline = ("notesd %s (%s), search benchmark%s: %d notes, storm %d s, big %d; "
+                % (meta.get("notesd_version"), meta["git_head"], "  [--quick]" if args.quick else "",
+                   cfg["notes"], cfg["storm_s"], cfg["big"]))
+    return rb.report(args.json, out, summarize(out, cfg), error, headline, render)
 
 
 if __name__ == "__main__":
