@@ -2718,19 +2718,20 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         else:
             body, content_type = json.dumps(payload).encode() + b"\n", JSON_TYPE
         try:
-            self.hold_reply(len(body))
+            if len(body) > REPLY_SMALL:
+                self.hold_reply(len(body))
         except NotesdError as e:
             status, headers, content_type = e.status, e.headers, JSON_TYPE
             body = json.dumps({"message": str(e)}).encode() + b"\n"
         self.send_reply(status, body, content_type, headers)
 
     def hold_reply(self, size):
-        """Count a reply of `size` bytes in the server's budget for large
-        replies (REPLIES_HELD) until the request ends (handle_one_request),
+        """Count a large reply (over REPLY_SMALL: respond() asks only then)
+        of `size` bytes in the server's budget for large replies (REPLIES_HELD) until the request ends (handle_one_request),
         or refuse it, 503. A page is counted already, by the main loop, before
         its rows leave it (MainLoop.do_list); any other large reply is, here,
         before it is written."""
-        if size > REPLY_SMALL and not self.reply_held:
+        if not self.reply_held:
             if not self.server.replies.reserve(size, REPLIES_HELD):
                 raise _http_error(503, "too many large replies in flight; try again",
                                   ("Retry-After", "1"))
@@ -5057,16 +5058,23 @@ def _hand_over(config, daemon):
 
 def _restart_failure(config, sent):
     """The message of a restart that the daemon reports failed since `sent`."""
+    last = _last_verdict(config, "last_restart")
+    if last is None or last.get("at", 0) < sent or last.get("ok"):
+        return None
+    return last.get("message") or "see its log for why"
+
+
+def _last_verdict(config, key):
+    """The daemon's record `key` of its last reload or restart ({} if none),
+    from /status, or /health when /status wants a token we lack; None if
+    the daemon cannot be asked."""
     try:
         status, body = api_request(config, "/status")
         if status == 401:
             status, body = api_request(config, "/health")
     except (OSError, ValueError, http.client.HTTPException):
         return None
-    last = body.get("last_restart") or {}
-    if last.get("at", 0) < sent or last.get("ok"):
-        return None
-    return last.get("message") or "see its log for why"
+    return body.get(key) or {}
 
 
 def _version_of(config):
@@ -5124,13 +5132,9 @@ def cmd_reload(config, args):
     outcome = {}
 
     def reloaded():
-        try:
-            status, body = api_request(config, "/status")
-            if status == 401:
-                status, body = api_request(config, "/health")
-        except (OSError, ValueError, http.client.HTTPException):
+        last = _last_verdict(config, "last_reload")
+        if last is None:
             return False
-        last = body.get("last_reload") or {}
         outcome.update(last)
         return last.get("at", 0) >= sent
     if not _wait_for(reloaded, config.timeout):
