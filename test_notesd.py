@@ -1021,20 +1021,35 @@ class NotifyListener:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def _run_notified(tmp_path, address, **environment):
+    """`notesd run` started as systemd starts a Type=notify service, with
+    NOTIFY_SOCKET=address (and `environment`): (its Daemon, its Popen, the
+    NotifyListener). Kills it if it is still running, then cleans up."""
+    listener = NotifyListener(address)
+    d = Daemon(tmp_path / "fg")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_FDS")}
+    env.update(NOTIFY_SOCKET=address, **environment)
+    proc = None
+    try:
+        with open(str(tmp_path / "fg.err"), "w") as err:
+            proc = subprocess.Popen(d.argv("run"), env=env, stdout=err, stderr=err)
+        yield d, proc, listener
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=CLI_TIMEOUT)
+        listener.close()
+        d.cleanup()
+
+
 @pytest.mark.parametrize("kind", ["path", "abstract"])
 def test_run_speaks_sd_notify(tmp_path, kind):
     if kind == "path":
         address = str(tmp_path / "notify.sock")
     else:
         address = "@notesd-test-notify-%s" % os.urandom(6).hex()
-    listener = NotifyListener(address)
-    d = Daemon(tmp_path / "fg")
-    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_FDS")}
-    env.update(NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
-    proc = None
-    try:
-        with open(tmp_path / "fg.err", "w") as err:
-            proc = subprocess.Popen(d.argv("run"), env=env, stdout=err, stderr=err)
+    with _run_notified(tmp_path, address, WATCHDOG_USEC="400000") as (d, proc, listener):
         got = listener.messages
         wait_until(lambda: listener.since(0, "READY", "1"), 10, d, "READY=1")
         first = got[0]
@@ -1068,12 +1083,6 @@ def test_run_speaks_sd_notify(tmp_path, kind):
         line = rb"[A-Z_]+=[^\n]*"
         for raw in listener.raw:  # newline-separated KEY=VALUE lines
             assert re.fullmatch(rb"%s(\n%s)*\n?" % (line, line), raw), listener.raw
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=CLI_TIMEOUT)
-        listener.close()
-        d.cleanup()
 
 
 ###############################################################################
@@ -5326,14 +5335,7 @@ def test_run_serves_a_socket_passed_as_systemd_passes_it(tmp_path):
 
 def test_restart_of_a_run_daemon_speaks_sd_notify(tmp_path):
     address = "@notesd-test-notify-%s" % os.urandom(6).hex()
-    listener = NotifyListener(address)
-    d = Daemon(tmp_path / "fg")
-    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "LISTEN_FDS")}
-    env.update(NOTIFY_SOCKET=address)
-    proc = None
-    try:
-        with open(str(tmp_path / "fg.err"), "w") as err:
-            proc = subprocess.Popen(d.argv("run"), env=env, stdout=err, stderr=err)
+    with _run_notified(tmp_path, address) as (d, proc, listener):
         wait_until(lambda: listener.since(0, "READY", "1"), 10, d, "READY=1")
         d.after_start()
         mark = len(listener.messages)
@@ -5349,9 +5351,3 @@ def test_restart_of_a_run_daemon_speaks_sd_notify(tmp_path):
         assert not listener.since(mark, "STOPPING"), listener.messages  # the old one says nothing
         assert proc.wait(timeout=10) == 0
         assert d.get("/health").status == 200
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=CLI_TIMEOUT)
-        listener.close()
-        d.cleanup()
