@@ -123,6 +123,12 @@ STOP_PASS = 0.01
 #: 9.5): a client that does not retry saw an error on a restart (wrk: 3 in
 #: 10 restarts). A stop with no successor closes idle ones at once.
 HANDOVER_IDLE = 1.0
+#: seconds a restart waits for the successor to lock the pid file once told
+#: GO: a few system calls, so only a hung or blocked successor takes this long.
+HANDOVER_TIMEOUT = 5.0
+#: seconds a successor told to stop (TERM) is given to finish its requests
+#: before it is killed (KILL): its own STOP_GRACE, and a second to exit.
+SUCCESSOR_GRACE = STOP_GRACE + 1.0
 #: the first file descriptor systemd passes (SD_LISTEN_FDS_START, sd_listen_fds(3)).
 LISTEN_FDS_START = 3
 #: Set by a daemon for the successor it starts on `restart` (SIGUSR2): the
@@ -1590,6 +1596,8 @@ class MainLoop:
         log.info("stopping (signal)")
         if not self.handed_over:  # else systemd's main process is the successor now
             self.systemd.notify("STOPPING=1")
+            if self.successor is not None:  # a restart under way: the stop wins
+                self.successor.stop()
         self.stopping = True
 
     def on_upgrade(self):
@@ -1597,7 +1605,10 @@ class MainLoop:
         disk as a successor that inherits the listening socket (Successor);
         once it serves and holds the pid file, stop gracefully. If it cannot
         start, keep serving and say why in last_restart."""
-        if self.successor is not None or self.stopping:
+        if self.stopping:
+            log.warning("restart: notesd is stopping; ignored")
+            return
+        if self.successor is not None:
             log.warning("restart: one is under way already; ignored")
             return
         problem = _handover_problem(self.config, self.server)
@@ -1620,10 +1631,15 @@ class MainLoop:
         self.pidfile.handed_over = True
         self.on_stop()
 
-    def do_upgrade_failed(self, message):
-        log.error("restart failed, this daemon keeps serving: %s", message)
-        self.last_restart = {"ok": False, "message": message, "at": time.time()}
+    def do_upgrade_failed(self, message, stopped=False):
+        """The successor is gone (Successor.end) or was never started."""
         self.successor = None
+        self.last_restart = {"ok": False, "message": message, "at": time.time(),
+                             "serving": not stopped}
+        if stopped:  # the stop is under way, and says so to systemd itself
+            log.warning("restart given up: %s", message)
+            return
+        log.error("restart failed, this daemon keeps serving: %s", message)
         self.systemd.notify("READY=1", f"STATUS=restart failed: {message}")
 
     def on_reload(self):
@@ -2605,8 +2621,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             # the message (which may quote the file) only in /status
             body["last_reload"] = {"ok": last["ok"], "at": last["at"]}
         if loop.last_restart:  # and for `restart`
-            body["last_restart"] = {k: loop.last_restart[k] for k in ("ok", "at")}
-        problem = ("notesd is shutting down" if loop.closing or loop.stopping else
+            body["last_restart"] = {k: v for k, v in loop.last_restart.items()
+                                    if k in ("ok", "at", "serving")}
+        # While a successor serves, the old daemon still answers for itself
+        # until it closes (MainLoop.drain): not a 503 on every restart.
+        problem = ("notesd is shutting down" if loop.closing or (
+                       loop.stopping and not loop.handed_over) else
                    f"main loop stuck: no heartbeat for {age:.1f}s" if age > HEARTBEAT_STALE else
                    loop.storage_problem)
         if problem:
@@ -2740,7 +2760,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def send_reply(self, status, body, content_type, headers):
         """respond()'s write. A large body goes in a write of its own rather
         than be copied after its head."""
-        if getattr(self, "body_unread", False) or self.reader.last:  # last: notesd stops
+        # Once notesd stops, every reply ends its connection (a reply the
+        # stop's last_call has not marked yet too): a kept-alive client asks
+        # again on a new one, the successor's after a restart.
+        if getattr(self, "body_unread", False) or self.reader.last or self.server.loop.stopping:
             self.close_connection = True
         head = STATUS_HEADS[status] + f"Date: {http_date()}\r\n"
         if content_type:
@@ -4063,9 +4086,11 @@ class PidFile:
 
     def __init__(self, path, successor=False):
         self.handed_over = False
-        if successor:  # locked in take_over(), from the daemon it succeeds
-            self.path, self.fd = path, _open_public(path)
+        if successor:  # locked in take_over(), from the daemon it succeeds;
+            # until then the file is that one's, and remove() leaves it alone
+            self.path, self.fd, self.owned = path, _open_public(path), False
             return
+        self.owned = True
         for _ in range(10):
             fd = self._lock(path)
             if fd is None:
@@ -4126,10 +4151,17 @@ class PidFile:
         """Restart, the successor, once it serves (see the class docstring).
         `channel` is the socket shared with the daemon it succeeds: "GO" when
         that one holds byte 0 only, "LOCKED" back once we hold the rest. If
-        the daemon is gone instead, its locks went with it."""
+        the daemon is gone instead, its locks went with it: the file is ours.
+        Anything else (it gave up: a stop, a timeout) raises NotesdError."""
         channel.settimeout(START_TIMEOUT)
+        word = b""
         with contextlib.suppress(OSError):
-            channel.recv(16)
+            word = channel.recv(16)
+        if not word.startswith(b"GO"):
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise NotesdError("the daemon it was to succeed gave up the restart") from None
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 0, 1)
         data = b"%d\n" % os.getpid()
         os.pwrite(self.fd, data, 0)  # never empty: a reader sees one pid or the other
@@ -4138,12 +4170,13 @@ class PidFile:
             channel.sendall(b"LOCKED\n")
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)  # byte 0, as soon as it lets go
         channel.close()
+        self.owned = True
 
     def remove(self):
         """At exit: the pid file and the URL file beside it, unless a
-        successor owns them now. May fail after dropping privileges; `stop`
-        then removes them."""
-        if self.handed_over:
+        successor owns them now, or while they are still the predecessor's.
+        May fail after dropping privileges; `stop` then removes them."""
+        if self.handed_over or not self.owned:
             return
         _remove_published(url_file(self.path))
         _remove_published(self.path)
@@ -4524,14 +4557,21 @@ class Successor:
       successor: PidFile.take_over(), then LOCKED
       daemon:    PidFile.release(), and a graceful stop (MainLoop.drain)
 
-    ERROR text, an exit or START_TIMEOUT instead of READY: the daemon keeps
-    serving and reports why (last_restart). Its stderr, where a syntax
-    error or a bad configuration is told, comes back on a pipe, but for a
-    `run` daemon, whose stderr (systemd's journal) it keeps. Runs in a
-    thread of its own; tells the main loop by commands."""
+    ERROR text, an exit or START_TIMEOUT instead of READY, or no LOCKED
+    within HANDOVER_TIMEOUT: the daemon ends the successor (end()) and keeps
+    serving, and reports why (last_restart). A stop of the daemon at any
+    moment of this wins (stop()): nothing is left serving once it exits.
+    The successor's stderr, where a syntax error or a bad configuration is
+    told, comes back on a pipe, but for a `run` daemon, whose stderr
+    (systemd's journal) it keeps. Runs in a thread of its own; tells the
+    main loop by commands, the last thing it does."""
 
     def __init__(self, config, server, pidfile, commands, foreground):
         self.pidfile, self.commands = pidfile, commands
+        self.lock = threading.Lock()  # stop() and the thread agree on `phase`
+        self.phase, self.stopped = "starting", False  # starting, handing, done
+        self.hung = self.reaped = False
+        self.wake, self.waker = os.pipe()  # stop() wakes the thread's waits
         self.channel, theirs = socket.socketpair()
         errors, stderr = os.pipe() if not foreground else (None, 2)
         try:
@@ -4542,7 +4582,8 @@ class Successor:
             if errors is not None:
                 os.close(stderr)
         self.errors = errors
-        threading.Thread(target=self._run, name="successor", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="successor", daemon=True)
+        self.thread.start()
 
     @staticmethod
     def _spawn(config, listener, channel, stderr, command):
@@ -4564,30 +4605,81 @@ class Successor:
             for fd in copies:
                 os.close(fd)
 
+    def stop(self):
+        """Main thread, on a stop of the daemon: the restart must not leave
+        a successor serving. Before GO, the thread gives up and ends it;
+        between GO and LOCKED (milliseconds), the handover completes and the
+        thread then stops the successor; once handed over, the successor
+        is the daemon and the stop is the old one's alone."""
+        with self.lock:
+            self.stopped = True
+            if self.phase == "starting":
+                os.write(self.waker, b"!")
+
+    def join(self):
+        """Main thread, before it exits: wait until the successor is ended,
+        or serves on its own."""
+        self.thread.join(START_TIMEOUT + HANDOVER_TIMEOUT + SUCCESSOR_GRACE)
+
     def _run(self):
         kind, text = self._await()
-        if kind == "READY":
-            try:
-                self.pidfile.free_tail()
-                self.channel.sendall(b"GO\n")
-                if self._line().startswith("LOCKED"):
-                    self.pidfile.release()
-                    self.channel.close()
-                    self.commands.put(Command("handed_over", text))
-                    return
-                self.pidfile.retake_tail()
-            except OSError as e:
-                text = f"the handover failed: {e}"
-            else:
-                text = "the successor did not take the pid file"
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGTERM)
+        with self.lock:  # stop() looks at the phase, and wakes us only while starting
+            go = kind == "READY" and not self.stopped
+            self.phase = "handing" if go else "done"
+            os.close(self.wake)
+            os.close(self.waker)
+        problem = self._hand_over() if go else text
         self.channel.close()
-        self.commands.put(Command("upgrade_failed", text))
+        with self.lock:
+            self.phase, stopped = "done", self.stopped
+        if stopped:
+            problem = ("notesd was told to stop during the restart" +
+                       (": its successor stops too" if problem is None else ""))
+        elif problem is None:
+            return self.commands.put(Command("handed_over", text))
+        self.end(0.0 if self.hung else SUCCESSOR_GRACE)
+        self.commands.put(Command("upgrade_failed", problem, stopped))
+
+    def _hand_over(self):
+        """After READY: GO; the pid file passes on LOCKED (None), or why not."""
+        try:
+            self.pidfile.free_tail()
+            self.channel.sendall(b"GO\n")
+            if self._line().startswith("LOCKED"):
+                self.pidfile.release()
+                return None
+            self.pidfile.retake_tail()
+            problem = f"the successor did not take the pid file within {HANDOVER_TIMEOUT:g}s"
+        except OSError as e:
+            problem = f"the handover failed: {e}"
+        self.hung = True  # its main loop waits for the pid file: TERM would wait too
+        return problem
+
+    def end(self, patience):
+        """TERM the successor, and KILL it after `patience` seconds (at once if
+        0, for a hung one: TERM waits for a main loop that does not run); reap
+        it either way. Its pid cannot name another process until it is reaped,
+        so the late KILL is safe. Successor thread only."""
+        if self.reaped:  # its pid may name another process by now
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM if patience else signal.SIGKILL)
+            deadline = time.monotonic() + patience
+            while not os.waitpid(self.pid, os.WNOHANG)[0]:
+                if time.monotonic() >= deadline:
+                    log.warning("restart: the successor did not stop within %gs; killed",
+                                patience)
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(POLL)  # a child: no pidfd needed, its pid stays ours
+        except ChildProcessError:
+            pass
+        self.reaped = True
 
     def _line(self):
         data = b""
-        self.channel.settimeout(START_TIMEOUT)
+        self.channel.settimeout(HANDOVER_TIMEOUT)
         with contextlib.suppress(OSError):
             while b"\n" not in data:
                 chunk = self.channel.recv(512)
@@ -4602,7 +4694,10 @@ class Successor:
         said, told = b"", b""
         sources = [self.channel] + ([self.errors] if self.errors is not None else [])
         while b"\n" not in said and sources and time.monotonic() < deadline:
-            for source in select.select(sources, [], [], deadline - time.monotonic())[0]:
+            ready = select.select(sources + [self.wake], [], [], deadline - time.monotonic())[0]
+            if self.wake in ready:
+                break  # stop(): _run says why
+            for source in ready:
                 if source is self.channel:
                     chunk = self.channel.recv(512)
                     said += chunk
@@ -4614,13 +4709,13 @@ class Successor:
         if self.errors is not None:
             os.close(self.errors)
         kind, _, text = said.decode(errors="replace").strip().partition(" ")
-        if kind in ("READY", "ERROR"):
+        if kind in ("READY", "ERROR") or self.stopped:
             return kind, text
         if b"\n" not in said and time.monotonic() >= deadline:
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
+            self.hung = True  # deaf to TERM too, most likely
             return "ERROR", f"the successor was not ready within {START_TIMEOUT:g}s"
         _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
         lines = [l for l in told.decode(errors="replace").splitlines() if l.strip()]
         return "ERROR", (f"the successor exited ({_exit_status(status)}) before it "
                          "was ready" + (": " + lines[-1].strip() if lines else ""))
@@ -4672,7 +4767,12 @@ def serve(config, readiness, foreground, listener=None):
              " on an inherited socket" if listener else "")
     readiness.ready(f"notesd {__version__} running, pid {os.getpid()}, {server.url}")
     if successor:
-        pidfile.take_over(readiness.handover)
+        try:
+            pidfile.take_over(readiness.handover)
+        except NotesdError as e:  # it gave up on us: leave as we came
+            log.error("restart: %s; stopping", e)
+            _shut_down(server, loop, store, pidfile)
+            return 1
         if not foreground:  # its stderr was a pipe to the daemon it succeeds
             _stdio_to_devnull()
     code = 0
@@ -4829,6 +4929,8 @@ def _shut_down(server, loop, store, pidfile):
     server.shutdown()      # serve_forever returns: no new connections
     server.socket.close()  # new clients now wait for the successor, or are refused
     loop.drain(server)     # the requests in flight, then 503s
+    if loop.successor is not None:  # a restart a stop overtook: it ends first
+        loop.successor.join()
     server.server_close()
     store.close()
     pidfile.remove()
@@ -4865,6 +4967,21 @@ def cmd_stop(config, args):
         _remove_leftovers(config)
         print("notesd is not running")
         return 0
+    stopped = set()
+    while daemon and daemon.pid not in stopped:
+        # A restart may have handed over while we stopped its daemon (the
+        # signal came just after the pid file passed): stop wins, so a
+        # successor that now holds the pid file is stopped too.
+        stopped.add(daemon.pid)
+        code = _stop_one(config, args, daemon)
+        if code:
+            return code
+        daemon = Verified.find(config.pidfile)
+    _remove_leftovers(config)
+    return 0
+
+
+def _stop_one(config, args, daemon):
     pid = daemon.pid
     with daemon:
         daemon.signal(signal.SIGTERM)
@@ -4882,7 +4999,6 @@ def cmd_stop(config, args):
             print(f"notesd killed, pid {pid}")
         else:
             print(f"notesd stopped, pid {pid}")
-    _remove_leftovers(config)
     return 0
 
 
@@ -5040,12 +5156,15 @@ def _hand_over(config, daemon):
         if time.monotonic() >= look:
             failed = _restart_failure(config, sent)
             if failed:
-                print(f"notesd: restart failed, pid {old} keeps serving: {failed}",
-                      file=sys.stderr)
+                print(f"notesd: restart failed, pid {old} " +
+                      ("keeps serving: " if failed.get("serving", True) else "stops: ") +
+                      (failed.get("message") or "see its log for why"), file=sys.stderr)
                 return 1
             look = time.monotonic() + 0.1
         if not daemon.alive() or time.monotonic() >= deadline:
-            print(f"notesd: restart of pid {old} failed; see its log", file=sys.stderr)
+            print(f"notesd: restart of pid {old} failed" +
+                  (" (it exited: a stop?)" if not daemon.alive() else "") + "; see its log",
+                  file=sys.stderr)
             return 1
         time.sleep(POLL)
     if _wait_for(lambda: not daemon.alive(), config.timeout):
@@ -5057,11 +5176,11 @@ def _hand_over(config, daemon):
 
 
 def _restart_failure(config, sent):
-    """The message of a restart that the daemon reports failed since `sent`."""
+    """The daemon's record of a restart that failed since `sent`, or None."""
     last = _last_verdict(config, "last_restart")
     if last is None or last.get("at", 0) < sent or last.get("ok"):
         return None
-    return last.get("message") or "see its log for why"
+    return last
 
 
 def _last_verdict(config, key):
