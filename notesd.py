@@ -4138,9 +4138,12 @@ class PidFile:
         """Restart, the daemon: keep byte 0 only; the successor takes the rest."""
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 0, 1)
 
-    def retake_tail(self):
-        """Restart failed after free_tail: the whole file is ours again."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 1)
+    def reclaim(self):
+        """Restart failed after free_tail, and the successor is gone (its locks
+        with it): the whole file is ours again, and names us again, since
+        the successor may have written its pid before it hung or died."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_over(self.fd, b"%d\n" % os.getpid())
 
     def release(self):
         """Restart, the daemon: the successor holds the rest; let go of byte 0."""
@@ -4163,9 +4166,7 @@ class PidFile:
             except OSError:
                 raise NotesdError("the daemon it was to succeed gave up the restart") from None
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 0, 1)
-        data = b"%d\n" % os.getpid()
-        os.pwrite(self.fd, data, 0)  # never empty: a reader sees one pid or the other
-        os.ftruncate(self.fd, len(data))
+        _write_over(self.fd, b"%d\n" % os.getpid())
         with contextlib.suppress(OSError):
             channel.sendall(b"LOCKED\n")
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)  # byte 0, as soon as it lets go
@@ -4191,13 +4192,17 @@ def write_url(pidfile, url):
     fd = _open_public(url_file(pidfile))
     try:
         os.fchmod(fd, 0o644)  # as the pid file
-        # Written over, then cut, never emptied first: a successor writes
-        # the same URL while `check` and `restart` read it.
-        data = url.encode() + b"\n"
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        _write_over(fd, url.encode() + b"\n")  # a successor writes the same URL
     finally:
         os.close(fd)
+
+
+def _write_over(fd, data):
+    """Replace a published file's text in place: written over, then cut,
+    never emptied first, so a reader (`status`, `check`, `restart`) sees
+    the old text or the new one, never nothing."""
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def _open_published(path):
@@ -4638,22 +4643,32 @@ class Successor:
         elif problem is None:
             return self.commands.put(Command("handed_over", text))
         self.end(0.0 if self.hung else SUCCESSOR_GRACE)
+        if go and not self.pidfile.handed_over:
+            self._reclaim()
         self.commands.put(Command("upgrade_failed", problem, stopped))
+
+    def _reclaim(self):
+        try:
+            self.pidfile.reclaim()
+        except OSError as e:  # a reader's lock on it (issue 8): `stop` still finds us
+            log.warning("restart: cannot take back the whole pid file %s: %s",
+                        self.pidfile.path, e.strerror)
 
     def _hand_over(self):
         """After READY: GO; the pid file passes on LOCKED (None), or why not."""
         try:
             self.pidfile.free_tail()
             self.channel.sendall(b"GO\n")
-            if self._line().startswith("LOCKED"):
+            said = self._line()
+            if said and said.startswith("LOCKED"):
                 self.pidfile.release()
                 return None
-            self.pidfile.retake_tail()
-            problem = f"the successor did not take the pid file within {HANDOVER_TIMEOUT:g}s"
+            problem = ("the successor exited before it took the pid file" if said == "" else
+                       f"the successor did not take the pid file within {HANDOVER_TIMEOUT:g}s")
         except OSError as e:
             problem = f"the handover failed: {e}"
         self.hung = True  # its main loop waits for the pid file: TERM would wait too
-        return problem
+        return problem  # _run ends it, then reclaims the pid file
 
     def end(self, patience):
         """TERM the successor, and KILL it after `patience` seconds (at once if
@@ -4678,14 +4693,20 @@ class Successor:
         self.reaped = True
 
     def _line(self):
+        """The successor's next line; "" if it closed the channel (it exited),
+        None if no line came within HANDOVER_TIMEOUT."""
         data = b""
         self.channel.settimeout(HANDOVER_TIMEOUT)
-        with contextlib.suppress(OSError):
+        try:
             while b"\n" not in data:
                 chunk = self.channel.recv(512)
                 if not chunk:
                     break
                 data += chunk
+        except socket.timeout:
+            return None
+        except OSError:
+            pass
         return data.decode(errors="replace")
 
     def _await(self):
@@ -5141,38 +5162,60 @@ def _options(source):
 
 
 def _hand_over(config, daemon):
-    """SIGUSR2, then wait until the successor holds the pid file (success) or
-    the daemon reports why it failed; then until the old daemon is gone."""
+    """SIGUSR2, then wait until the successor holds the pid file and the old
+    daemon is gone (success), or the daemon reports why it failed. The
+    successor's pid shows a moment before the handover is agreed (LOCKED):
+    a successor lost then leaves the old daemon serving, which says so."""
     old, sent = daemon.pid, time.time()
     daemon.signal(signal.SIGUSR2)
-    deadline, look = time.monotonic() + START_TIMEOUT + config.timeout, 0.0
-    while True:
+    new = []
+
+    def handed():
         try:
-            new = running_pid(config.pidfile)
+            pid = running_pid(config.pidfile)
         except NotesdError:
-            new = None
-        if new and new != old:
-            break
+            pid = None
+        if pid and pid != old:
+            new.append(pid)
+        return new
+    failed = _await_restart(config, daemon, sent, handed, START_TIMEOUT + config.timeout)
+    if failed is None:
+        failed = _await_restart(config, daemon, sent, lambda: not daemon.alive(),
+                                config.timeout)
+        if failed == "late":
+            print(f"notesd: pid {old} still finishing its requests after {config.timeout:g}s")
+        elif not isinstance(failed, dict):  # None, or "exited" between two looks
+            print(f"notesd stopped, pid {old}")
+    if isinstance(failed, dict):
+        print(f"notesd: restart failed, pid {old} " +
+              ("keeps serving: " if failed.get("serving", True) else "stops: ") +
+              (failed.get("message") or "see its log for why"), file=sys.stderr)
+        return 1
+    if not new:
+        print(f"notesd: restart of pid {old} failed" +
+              (" (it exited: a stop?)" if failed == "exited" else "") + "; see its log",
+              file=sys.stderr)
+        return 1
+    print(f"notesd {_version_of(config)} running, pid {new[-1]}, {read_url(config)}")
+    return 0
+
+
+def _await_restart(config, daemon, sent, done, seconds):
+    """Poll done() until it is true (None), or say why not: the daemon's
+    record of a failed restart (a dict), "exited", or "late"."""
+    deadline, look = time.monotonic() + seconds, 0.0
+    while not done():
         if time.monotonic() >= look:
             failed = _restart_failure(config, sent)
             if failed:
-                print(f"notesd: restart failed, pid {old} " +
-                      ("keeps serving: " if failed.get("serving", True) else "stops: ") +
-                      (failed.get("message") or "see its log for why"), file=sys.stderr)
-                return 1
+                return failed
             look = time.monotonic() + 0.1
-        if not daemon.alive() or time.monotonic() >= deadline:
-            print(f"notesd: restart of pid {old} failed" +
-                  (" (it exited: a stop?)" if not daemon.alive() else "") + "; see its log",
-                  file=sys.stderr)
-            return 1
+        if not daemon.alive():
+            return "exited"
+        if time.monotonic() >= deadline:
+            return "late"
         time.sleep(POLL)
-    if _wait_for(lambda: not daemon.alive(), config.timeout):
-        print(f"notesd stopped, pid {old}")
-    else:
-        print(f"notesd: pid {old} still finishing its requests after {config.timeout:g}s")
-    print(f"notesd {_version_of(config)} running, pid {new}, {read_url(config)}")
-    return 0
+    return None
 
 
 def _restart_failure(config, sent):

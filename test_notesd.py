@@ -5333,6 +5333,31 @@ def test_a_successor_hung_after_ready_is_killed_and_the_old_one_serves_alone(
     _nothing_left(d)
 
 
+@pytest.mark.parametrize("misstep", ["time.sleep(600)", "os._exit(1)"])
+def test_a_successor_lost_after_writing_its_pid_leaves_the_old_one_named(
+        make_daemon, tmp_path, misstep):
+    # A successor that wrote its pid into the pid file, then hung or died
+    # before it said LOCKED: the old daemon went on serving, holding byte 0
+    # only, behind a file that named the lost successor. `status` said not
+    # running, and a `start` could start a second daemon (attack review).
+    flag = tmp_path / "misstep"
+    d = make_daemon(start=False)
+    d.script = _hooked_copy(tmp_path, 'channel.sendall(b"LOCKED',
+                            "if os.path.exists(%r): %s" % (str(flag), misstep))
+    d.start()
+    flag.touch()
+    old = d.pid()
+    r = d.cli("restart")
+    assert r.returncode == 1 and "keeps serving" in r.stderr, (r.stdout, r.stderr, d.log())
+    assert d.processes() == [old], [cmdline(p) for p in d.processes()]
+    assert d.pid() == old and d.cli("status").returncode == 0
+    r = d.cli("start")
+    assert r.returncode == 0 and "already running, pid %d" % old in r.stdout, r.stdout
+    d.assert_serving()
+    d.stop()
+    _nothing_left(d)
+
+
 def test_a_successor_that_fails_leaves_the_old_pid_file_alone(make_daemon, tmp_path):
     # The successor failed to open storage after making its PidFile, and at its
     # exit removed the pid file and url file, which were still the old daemon's:
@@ -5414,7 +5439,9 @@ def test_stop_under_keep_alive_load_is_prompt_and_runs_nothing_later(make_daemon
         idle.close()
         busy.close()
     assert stopping.returncode == 0
-    assert closed_after < 1.0 and elapsed < 1.5, (closed_after, elapsed)
+    # Prompt: well before STOP_GRACE (5 s), which a connection left open
+    # would wait out; not a speed bound (1 s failed on a loaded machine).
+    assert closed_after < 3.0 and elapsed < 4.0, (closed_after, elapsed)
     d.start()
     texts = _texts(d)
     assert "in flight" in texts and "sent after the stop" not in texts, texts
