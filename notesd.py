@@ -5005,17 +5005,47 @@ def cmd_stop(config, args):
         print("notesd is not running")
         return 0
     stopped = set()
-    while daemon and daemon.pid not in stopped:
-        # A restart may have handed over while we stopped its daemon (the
-        # signal came just after the pid file passed): stop wins, so a
-        # successor that now holds the pid file is stopped too.
-        stopped.add(daemon.pid)
-        code = _stop_one(config, args, daemon)
-        if code:
-            return code
-        daemon = Verified.find(config.pidfile)
+    with contextlib.ExitStack() as predecessors:
+        while daemon and daemon.pid not in stopped:
+            # A restart may have handed over while we stopped its daemon (the
+            # signal came just after the pid file passed): stop wins, so a
+            # successor that now holds the pid file is stopped too; and the
+            # old daemon a successor replaced may still be finishing its
+            # last requests: stopped means that one is gone too.
+            stopped.add(daemon.pid)
+            old = _predecessor(config, daemon.pid)
+            if old:
+                predecessors.enter_context(old)
+            code = _stop_one(config, args, daemon)
+            if code:
+                return code
+            daemon = Verified.find(config.pidfile)
+            if old and not _wait_for(lambda: not old.alive(), config.timeout):
+                print(f"notesd: pid {old.pid}, which a restart replaced, did not finish "
+                      f"its requests within {config.timeout:g}s", file=sys.stderr)
+                return 1
     _remove_leftovers(config)
     return 0
+
+
+def _predecessor(config, pid):
+    """The daemon that `pid` succeeded in a restart (Successor), if it still
+    runs, finishing its last requests (MainLoop.drain): the parent that
+    started it, as long as that one has the pid file open. Held by a pidfd
+    (Verified); None if /proc does not let us look."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parent = int(f.read().rpartition(")")[2].split()[1])
+        pidfile = os.stat(config.pidfile)
+        fd = os.pidfd_open(parent) if hasattr(os, "pidfd_open") else None
+    except (OSError, ValueError, IndexError):
+        return None
+    old = Verified(parent, fd)
+    if parent <= 1 or not os.access(f"/proc/{parent}/fd", os.R_OK) or \
+            not _holds_open(parent, pidfile):
+        old.__exit__()
+        return None
+    return old
 
 
 def _stop_one(config, args, daemon):
@@ -5212,7 +5242,11 @@ def _hand_over(config, daemon):
               (" (it exited: a stop?)" if failed == "exited" else "") + "; see its log",
               file=sys.stderr)
         return 1
-    print(f"notesd {_version_of(config)} running, pid {new[-1]}, {read_url(config)}")
+    url = read_url(config)
+    if url is None:  # a stop came after the handover, and was the last word
+        print(f"notesd: pid {new[-1]} took over, and has been stopped since")
+        return 0
+    print(f"notesd {_version_of(config)} running, pid {new[-1]}, {url}")
     return 0
 
 
@@ -5256,8 +5290,12 @@ def _last_verdict(config, key):
 
 
 def _version_of(config):
-    """The version the daemon serving at the URL file says (Server header)."""
-    url = urllib.parse.urlsplit(daemon_url(config))
+    """The version the daemon serving at the URL file says (Server header),
+    or "?" if it cannot be asked."""
+    try:
+        url = urllib.parse.urlsplit(daemon_url(config))
+    except OSError:  # no URL file: a stop came since, say
+        return "?"
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=config.timeout)
     try:
         connection.request("HEAD", "/health")

@@ -5281,6 +5281,35 @@ def test_a_stop_during_a_restart_wins(make_daemon, tmp_path):
         d.start()
 
 
+def test_a_stop_just_after_the_handover_waits_for_the_old_daemon_too(make_daemon):
+    # `stop` as soon as the pid file named the successor stopped it and
+    # returned 0 while the old daemon still drained a kept-alive client, which
+    # then got a 201; and `restart` died with a traceback, the URL file gone
+    # (attack review).
+    d = make_daemon()
+    old = d.pid()
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=HTTP_TIMEOUT)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        restart = subprocess.Popen(d.argv("restart"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: d.pid() not in (None, old), CLI_TIMEOUT, d, "the successor's pid")
+            d.seen_pids.add(d.pid())
+            r = d.cli("stop")
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert not alive(old), "stop returned 0 while the old daemon still ran"
+            out, err = restart.communicate(timeout=CLI_TIMEOUT)
+        finally:
+            if restart.poll() is None:
+                restart.kill()
+    finally:
+        conn.close()
+    assert "Traceback" not in err, err
+    _nothing_left(d)
+
+
 def test_a_stop_before_the_successor_is_ready_ends_it(make_daemon, tmp_path):
     # A successor slow to start, and deaf to SIGTERM until it serves: the stop
     # ends it (SIGKILL after STOP_GRACE) and reaps it before the old daemon exits.
