@@ -816,6 +816,11 @@ SEARCH_MIN = 3
 #: it spends on that at once; it does when no command came for INDEX_IDLE
 #: seconds (under load, a slice there would hold every request behind it).
 INDEX_CHUNK, INDEX_SLICE, INDEX_IDLE = 50, 0.01, 0.005
+#: ...and at most this many characters of text per transaction, but one note
+#: (a typical chunk holds 6,000): FTS5 takes a chunk whole, and 50 notes of
+#: 300,000 random characters held the loop 75 s (attack review). One huge
+#: note still holds it while it is indexed (1 MB of random text: 5.6 s).
+INDEX_CHUNK_CHARS = 16_000
 #: However busy, the loop gives the index INDEX_SHARE of its time, and
 #: INDEX_SHARE_BEHIND once more than INDEX_BACKLOG notes wait: a search
 #: scans the queue, about 1.4 us a note (14 ms for 10,000, a third of the
@@ -924,25 +929,32 @@ class Store:
         return self.indexed and len(text) >= SEARCH_MIN
 
     def index_some(self, seconds):
-        """Index queued notes, INDEX_CHUNK per transaction (one at least),
-        for about `seconds`; then self.unindexed says how many are left."""
+        """Index queued notes, INDEX_CHUNK and INDEX_CHUNK_CHARS at most per
+        transaction (one at least), for about `seconds`; then
+        self.unindexed says how many are left."""
         deadline = time.monotonic() + seconds
         while True:
-            ids = self.db.execute("SELECT id FROM notes_unindexed ORDER BY id LIMIT ?",
-                                  (INDEX_CHUNK,)).fetchall()
-            if not ids:
+            queued = self.db.execute(
+                "SELECT u.id, length(n.text) FROM notes_unindexed AS u CROSS JOIN notes AS n"
+                " ON n.id = u.id ORDER BY u.id LIMIT ?", (INDEX_CHUNK,)).fetchall()
+            if not queued:
                 self.unindexed = 0
                 return
+            chars, taken = 0, 0
+            for last, length in queued:
+                chars, taken = chars + length, taken + 1
+                if chars >= INDEX_CHUNK_CHARS:
+                    break
             self.begin()
             try:
                 self.db.execute("INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
                                 " FROM notes_unindexed AS u JOIN notes AS n ON n.id = u.id"
-                                " WHERE u.id <= ?", ids[-1])
-                self.db.execute("DELETE FROM notes_unindexed WHERE id <= ?", ids[-1])
+                                " WHERE u.id <= ?", (last,))
+                self.db.execute("DELETE FROM notes_unindexed WHERE id <= ?", (last,))
                 self.commit()
             finally:
                 self.rollback()
-            if len(ids) < INDEX_CHUNK:
+            if taken == len(queued) < INDEX_CHUNK:
                 self.unindexed = 0
                 return
             if time.monotonic() >= deadline:
