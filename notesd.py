@@ -826,9 +826,9 @@ INDEX_CHUNK_CHARS = 16_000
 #: scans the queue, about 1.4 us a note (14 ms for 10,000, a third of the
 #: default command_budget), so past that the writers pay, as PostgreSQL's
 #: gin_pending_list_limit makes them; below it they pay nearly nothing (3%
-#: cost POST c=16 7% of its CPU, 0.5% nothing measurable). A back-to-back client never leaves the
-#: loop INDEX_IDLE to itself: with half a slice a tick, 100,000 migrated
-#: notes were not indexed after 300 s (bench/search.py).
+#: cost POST c=16 7% of its CPU, 0.5% nothing measurable). A back-to-back
+#: client never leaves the loop INDEX_IDLE to itself: with half a slice a
+#: tick, 100,000 migrated notes were not indexed after 300 s (bench/search.py).
 INDEX_SHARE, INDEX_SHARE_BEHIND, INDEX_BACKLOG = 0.005, 0.25, 10_000
 
 Row = collections.namedtuple("Row", "id text created updated")
@@ -1106,7 +1106,7 @@ class Store:
         rows after; and one row past its page tells it that more exist."""
         side, order = ("<=", "DESC") if backwards else (">", "ASC")
         if text and self.indexes(text):
-            cursors = self._search(side, order, (text, after, limit))
+            cursors = self._search(text, after, limit, side, order)
         elif text:
             cursors = [self.db.execute(
                 f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0"
@@ -1127,14 +1127,14 @@ class Store:
             cursor.close()
         return rows
 
-    def _search(self, side, order, args):
+    def _search(self, text, after, limit, side, order):
         """Two cursors, each in id order: the indexed notes that contain the
         text, and the queued ones (notes_unindexed) that do; page() merges
         them. Each is driven by its own ids, so a page of a word in most
         notes stops after a page of them: `id IN (index UNION ALL queue)`
         built the whole set first (242 ms for such a word in 300k notes,
         1.6 ms now). CROSS JOIN keeps the queue the outer loop."""
-        text = args[0]
+        args = (text, after, limit)
         phrase = '"' + text.replace('"', '""') + '"'  # an FTS5 string: no operators
         indexed = self.db.execute(
             "SELECT n.* FROM notes_search AS s JOIN notes AS n ON n.id = s.rowid"
@@ -1363,7 +1363,7 @@ class MainLoop:
     def _index_share(self, now):
         """Index for the loop's share of the time since the last call (a
         chunk at least, once it is due; never more than a slice at once),
-        however busy it is. The time it took; the clock after it."""
+        however busy it is. The clock after it."""
         share = INDEX_SHARE_BEHIND if self.store.unindexed > INDEX_BACKLOG else INDEX_SHARE
         credit = self.index_credit + (now - self.index_clock) * share
         self.index_credit = min(credit, INDEX_SLICE)
