@@ -2290,6 +2290,13 @@ class ApiServer(http.server.ThreadingHTTPServer):
         self.connections, self.leaving = {}, 0
         self.victims, self.victims_at = collections.deque(), 0.0
         self.lock = threading.Condition()
+        # Non-blocking accept(): the socket may be shared (a restart's old
+        # daemon and successor, systemd's socket). poll() wakes both for one
+        # connection, the other process takes it, and a blocking accept()
+        # would sleep until the next one: shutdown() waits on that thread,
+        # and a stop hung (CI). EAGAIN instead, which socketserver ignores
+        # (_handle_request_noblock); as nginx does. Accepted sockets block.
+        self.socket.setblocking(False)
         self.fd_room = _connection_room()
         self.refused, self.warned_at = 0, None
         if self.fd_room < config.max_connections:
