@@ -2295,7 +2295,8 @@ class ApiServer(http.server.ThreadingHTTPServer):
         # connection, the other process takes it, and a blocking accept()
         # would sleep until the next one: shutdown() waits on that thread,
         # and a stop hung (CI). EAGAIN instead, which socketserver ignores
-        # (_handle_request_noblock); as nginx does. Accepted sockets block.
+        # (_handle_request_noblock); as nginx does. Accepted sockets block
+        # (get_request).
         self.socket.setblocking(False)
         self.fd_room = _connection_room()
         self.refused, self.warned_at = 0, None
@@ -2427,7 +2428,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         it spun at 97% CPU (issue 9). Close an idle connection if there is
         one, and wait for a connection to end, ACCEPT_BACKOFF at most."""
         try:
-            return super().get_request()
+            request, address = super().get_request()
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 raise
@@ -2438,6 +2439,12 @@ class ApiServer(http.server.ThreadingHTTPServer):
                 self.lock.wait(ACCEPT_BACKOFF)
             self.warn_refusing(f"accept() failed: {e.strerror}")
             raise
+        # The listener is non-blocking (see __init__); BSD's accept() passes
+        # that on, Linux's does not, and Python clears it only for a
+        # listener with a timeout (the socket module's docs, "Timeouts and
+        # the accept method"). A connection's reads and writes block.
+        request.setblocking(True)
+        return request, address
 
     def shutdown_request(self, request):
         """The connection's thread, as it ends: its slot is free."""
