@@ -5628,10 +5628,12 @@ def test_stop_under_keep_alive_load_is_prompt_and_runs_nothing_later(make_daemon
     assert "in flight" in texts and "sent after the stop" not in texts, texts
 
 
+@contextlib.contextmanager
 def _run_on_socket(d, listener, stderr_path):
-    """`notesd.py run` as systemd starts it, its pid: the launcher forks and
-    execs it with `listener` on fd 3, LISTEN_FDS=1 and LISTEN_PID
-    (sd_listen_fds(3)), stderr to `stderr_path`."""
+    """`notesd.py run` as systemd starts it, yielding its pid: the launcher
+    forks and execs it with `listener` on fd 3, LISTEN_FDS=1 and LISTEN_PID
+    (sd_listen_fds(3)), stderr to `stderr_path`. Afterwards killed if the
+    test did not reap it, and d cleaned up."""
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
     log = os.open(str(stderr_path), os.O_WRONLY | os.O_CREAT, 0o600)
     pid = os.fork()
@@ -5644,7 +5646,14 @@ def _run_on_socket(d, listener, stderr_path):
         finally:
             os._exit(127)
     os.close(log)
-    return pid
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ChildProcessError):  # the test reaped it
+            if not os.waitpid(pid, os.WNOHANG)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        d.cleanup()
 
 
 def _listening_socket():
@@ -5659,9 +5668,8 @@ def test_run_serves_a_socket_passed_as_systemd_passes_it(tmp_path):
     listener, port = _listening_socket()
     early = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)
     early.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
-    pid = _run_on_socket(d, listener, tmp_path / "sa.err")
-    listener.close()  # the daemon's now
-    try:
+    with _run_on_socket(d, listener, tmp_path / "sa.err") as pid, early:
+        listener.close()  # the daemon's now
         with early.makefile("rb") as f:  # queued before notesd ran: answered
             assert read_reply(f)[0] == 200
         wait_until(lambda: os.path.exists(d.urlfile), 10, d, "the url file")
@@ -5672,13 +5680,6 @@ def test_run_serves_a_socket_passed_as_systemd_passes_it(tmp_path):
             assert b"LISTEN_FDS" in f.read()  # exec-time; the daemon unset its own copy
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 10, d, "exit")
-        pid = None
-    finally:
-        early.close()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        d.cleanup()
 
 
 def _asleep_in_accept(pid):
@@ -5704,41 +5705,33 @@ def test_a_stop_is_not_held_by_a_connection_another_process_accepted(tmp_path):
     # accept() after about 4 connections in 10, and TERM then hung.
     d = Daemon(tmp_path / "shared")
     listener, port = _listening_socket()
-    pid = _run_on_socket(d, listener, tmp_path / "shared.err")
-    rival = subprocess.Popen(
-        [sys.executable, "-c", "import select, socket, sys\n"
-         "s = socket.socket(fileno=int(sys.argv[1]))\n"
-         "while True:\n"
-         "    select.select([s], [], [])\n"
-         "    try:\n"
-         "        s.accept()[0].close()\n"
-         "    except BlockingIOError:\n"  # the daemon was first, on the fixed code
-         "        pass\n", str(listener.fileno())],
-        pass_fds=[listener.fileno()])
-    listener.close()
-    try:
-        wait_until(lambda: os.path.exists(d.urlfile), 10, d, "the url file")
-        d.after_start()
-        asleep = 0
-        for _ in range(60):
-            socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT).close()
-            # Time to lose the race and call accept(); on the fixed code it never sleeps there.
-            asleep += poll_until(lambda: _asleep_in_accept(pid), 0.03)[0]
-        assert rival.poll() is None  # it competed for every connection
-        rival.kill()
-        rival.wait()
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 8, d, "exit")
-        pid = None
-        assert asleep == 0
-    finally:
-        if rival.poll() is None:
+    with _run_on_socket(d, listener, tmp_path / "shared.err") as pid:
+        rival = subprocess.Popen(
+            [sys.executable, "-c", "import select, socket, sys\n"
+             "s = socket.socket(fileno=int(sys.argv[1]))\n"
+             "while True:\n"
+             "    select.select([s], [], [])\n"
+             "    try:\n"
+             "        s.accept()[0].close()\n"
+             "    except BlockingIOError:\n"  # the daemon was first, on the fixed code
+             "        pass\n", str(listener.fileno())],
+            pass_fds=[listener.fileno()])
+        listener.close()
+        try:
+            wait_until(lambda: os.path.exists(d.urlfile), 10, d, "the url file")
+            d.after_start()
+            asleep = 0
+            for _ in range(60):
+                socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT).close()
+                # Time to lose the race and call accept(); on the fixed code it never sleeps there.
+                asleep += poll_until(lambda: _asleep_in_accept(pid), 0.03)[0]
+            assert rival.poll() is None  # it competed for every connection
+        finally:
             rival.kill()
             rival.wait()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        d.cleanup()
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 8, d, "exit")
+        assert asleep == 0
 
 
 def test_restart_of_a_run_daemon_speaks_sd_notify(tmp_path):
