@@ -756,7 +756,8 @@ def example_config():
 #: queue in bulk when idle (and a little every tick), as PostgreSQL's GIN
 #: fastupdate does, and a search reads the index and the queue (Store.page).
 #: Only the removal of a note already indexed is done at once: FTS5 needs
-#: the very text it indexed to take it out.
+#: the very text it indexed to take it out. Migration 3 (_scan_huge_notes)
+#: changes the triggers; these are migration 2 as it ran.
 SEARCH_INDEX = (
     """CREATE VIRTUAL TABLE notes_search USING fts5(
            text, content='notes', content_rowid='id',
@@ -791,6 +792,47 @@ def _add_search_index(db):
             db.execute(statement)
 
 
+#: Migration 3: a note longer than INDEX_CHUNK_CHARS is never indexed. FTS5
+#: takes a note in one step that no budget can interrupt, and random text
+#: costs it more than linearly (16,000 characters: 11-19 ms; 100,000: 0.33 s;
+#: 1,000,000, under max_body: 5.6 s, and as long again to take it out on
+#: a PUT or DELETE). index_some() moves such a note from the queue to
+#: notes_scanned, and a search scans those (Store._search), under the
+#: command budget. The triggers must know them: FTS5 told to take out a
+#: note it never indexed damaged the index ("database disk image is
+#: malformed" at the next write, in a test of these triggers without
+#: their notes_scanned clauses). A write puts a note back in the queue,
+#: which decides again.
+SCAN_HUGE_NOTES = (
+    "CREATE TABLE IF NOT EXISTS notes_scanned (id INTEGER PRIMARY KEY)",
+    "DROP TRIGGER IF EXISTS notes_search_update",
+    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes
+       WHEN NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id) BEGIN
+           INSERT INTO notes_search (notes_search, rowid, text)
+               SELECT 'delete', old.id, old.text
+               WHERE NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
+           DELETE FROM notes_scanned WHERE id = old.id;
+           INSERT INTO notes_unindexed (id) VALUES (new.id);
+       END""",
+    "DROP TRIGGER IF EXISTS notes_search_delete",
+    """CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN
+           INSERT INTO notes_search (notes_search, rowid, text)
+               SELECT 'delete', old.id, old.text
+               WHERE NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id)
+                 AND NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
+           DELETE FROM notes_unindexed WHERE id = old.id;
+           DELETE FROM notes_scanned WHERE id = old.id;
+       END""",
+)
+
+
+def _scan_huge_notes(db):
+    """Migration 3 (SCAN_HUGE_NOTES), where there is an index to change."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone():
+        for statement in SCAN_HUGE_NOTES:
+            db.execute(statement)
+
+
 def _has_trigram(db):
     try:
         db.execute("CREATE VIRTUAL TABLE temp.probe USING fts5(x, tokenize='trigram')")
@@ -809,6 +851,7 @@ MIGRATIONS = [
            created TEXT NOT NULL,                      -- RFC 3339, UTC
            updated TEXT NOT NULL)""",
     _add_search_index,
+    _scan_huge_notes,
 ]
 #: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
 SEARCH_MIN = 3
@@ -816,10 +859,10 @@ SEARCH_MIN = 3
 #: it spends on that at once; it does when no command came for INDEX_IDLE
 #: seconds (under load, a slice there would hold every request behind it).
 INDEX_CHUNK, INDEX_SLICE, INDEX_IDLE = 50, 0.01, 0.005
-#: ...and at most this many characters of text per transaction, but one note
-#: (a typical chunk holds 6,000): FTS5 takes a chunk whole, and 50 notes of
-#: 300,000 random characters held the loop 75 s (attack review). One huge
-#: note still holds it while it is indexed (1 MB of random text: 5.6 s).
+#: ...and at most this many characters of text per transaction (a typical
+#: chunk holds 6,000): FTS5 takes a chunk whole, and 50 notes of 300,000
+#: random characters held the loop 75 s (attack review). A longer note is
+#: not indexed at all, but scanned (SCAN_HUGE_NOTES).
 INDEX_CHUNK_CHARS = 16_000
 #: However busy, the loop gives the index INDEX_SHARE of its time, and
 #: INDEX_SHARE_BEHIND once more than INDEX_BACKLOG notes wait: a search
@@ -929,37 +972,52 @@ class Store:
         return self.indexed and len(text) >= SEARCH_MIN
 
     def index_some(self, seconds):
-        """Index queued notes, INDEX_CHUNK and INDEX_CHUNK_CHARS at most per
-        transaction (one at least), for about `seconds`; then
-        self.unindexed says how many are left."""
+        """Index queued notes, INDEX_CHUNK notes and INDEX_CHUNK_CHARS
+        characters at most per transaction (one note at least), for about
+        `seconds`, and put those over INDEX_CHUNK_CHARS aside in
+        notes_scanned; then self.unindexed says how many are left."""
         deadline = time.monotonic() + seconds
         while True:
             queued = self.db.execute(
                 "SELECT u.id, length(n.text) FROM notes_unindexed AS u CROSS JOIN notes AS n"
-                " ON n.id = u.id ORDER BY u.id LIMIT ?", (INDEX_CHUNK,)).fetchall()
-            if not queued:
+                " ON n.id = u.id ORDER BY u.id LIMIT ?", (INDEX_CHUNK,))
+            last = self._chunk_end(queued)
+            queued.close()
+            if last is None:
                 self.unindexed = 0
                 return
-            chars, taken = 0, 0
-            for last, length in queued:
-                chars, taken = chars + length, taken + 1
-                if chars >= INDEX_CHUNK_CHARS:
-                    break
+            chunk = (" FROM notes_unindexed AS u CROSS JOIN notes AS n ON n.id = u.id"
+                     " WHERE u.id <= ?1 AND length(n.text)")
             self.begin()
             try:
-                self.db.execute("INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
-                                " FROM notes_unindexed AS u JOIN notes AS n ON n.id = u.id"
-                                " WHERE u.id <= ?", (last,))
+                self.db.execute(f"INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
+                                f"{chunk} <= ?2", (last, INDEX_CHUNK_CHARS))
+                self.db.execute(f"INSERT INTO notes_scanned (id) SELECT n.id{chunk} > ?2",
+                                (last, INDEX_CHUNK_CHARS))
                 self.db.execute("DELETE FROM notes_unindexed WHERE id <= ?", (last,))
                 self.commit()
             finally:
                 self.rollback()
-            if taken == len(queued) < INDEX_CHUNK:
-                self.unindexed = 0
-                return
             if time.monotonic() >= deadline:
                 self.unindexed = self._backlog()
                 return
+
+    @staticmethod
+    def _chunk_end(queued):
+        """The last id of the next indexing transaction, from the cursor
+        `queued` ((id, length) in id order): as many notes as
+        INDEX_CHUNK_CHARS holds, one at least; None if nothing is queued.
+        A note too long to index, which is only put aside, fills a chunk all
+        the same: reading it takes time too (50 of 1 MB in one transaction:
+        233 ms). Rows are read only as far as needed: length() reads the
+        text, and fetching 50 lengths at once read 50 MB for each note."""
+        last, chars = None, 0
+        for note_id, length in queued:
+            chars += min(length, INDEX_CHUNK_CHARS)
+            if last is not None and chars > INDEX_CHUNK_CHARS:
+                break
+            last = note_id
+        return last
 
     def _backlog(self):
         """How many notes wait for the index, at most (the span of their
@@ -970,10 +1028,13 @@ class Store:
                                " - (SELECT min(id) FROM notes_unindexed) + 1").fetchone()[0]
         return span or 0
 
-    def unindexed_count(self):
+    def search_counts(self):
+        """/status's search figures: notes waiting for the index, and notes
+        too long for it (searched by scanning); None without an index."""
         if not self.indexed:
-            return None
-        return self.db.execute("SELECT count(*) FROM notes_unindexed").fetchone()[0]
+            return {"unindexed": None, "scanned": None}
+        return {"unindexed": self.db.execute("SELECT count(*) FROM notes_unindexed").fetchone()[0],
+                "scanned": self.db.execute("SELECT count(*) FROM notes_scanned").fetchone()[0]}
 
     def _past_deadline(self):
         return time.monotonic() > self.deadline
@@ -1075,6 +1136,7 @@ class Store:
         if not indexed.fetchone():
             self.db.execute("BEGIN IMMEDIATE")
             _add_search_index(self.db)
+            _scan_huge_notes(self.db)
             self.db.execute("COMMIT")
 
     def begin(self):
@@ -1128,23 +1190,23 @@ class Store:
         return rows
 
     def _search(self, text, after, limit, side, order):
-        """Two cursors, each in id order: the indexed notes that contain the
-        text, and the queued ones (notes_unindexed) that do; page() merges
-        them. Each is driven by its own ids, so a page of a word in most
-        notes stops after a page of them: `id IN (index UNION ALL queue)`
-        built the whole set first (242 ms for such a word in 300k notes,
-        1.6 ms now). CROSS JOIN keeps the queue the outer loop."""
+        """Three cursors, each in id order: the indexed notes that contain
+        the text, and those of the queue (notes_unindexed) and of the notes
+        too long to index (notes_scanned) that do; page() merges them. Each
+        is driven by its own ids, so a page of a word in most notes stops
+        after a page of them: `id IN (index UNION ALL queue)` built the
+        whole set first (242 ms for such a word in 300k notes, 1.6 ms now).
+        CROSS JOIN keeps the queue the outer loop."""
         args = (text, after, limit)
         phrase = '"' + text.replace('"', '""') + '"'  # an FTS5 string: no operators
         indexed = self.db.execute(
             "SELECT n.* FROM notes_search AS s JOIN notes AS n ON n.id = s.rowid"
             f" WHERE notes_search MATCH ?4 AND s.rowid {side} ?2 AND instr(n.text, ?1) > 0"
             f" ORDER BY s.rowid {order} LIMIT ?3", args + (phrase,))
-        queued = self.db.execute(
-            "SELECT n.* FROM notes_unindexed AS u CROSS JOIN notes AS n ON n.id = u.id"
+        return [indexed] + [self.db.execute(
+            f"SELECT n.* FROM {table} AS u CROSS JOIN notes AS n ON n.id = u.id"
             f" WHERE u.id {side} ?2 AND instr(n.text, ?1) > 0 ORDER BY u.id {order} LIMIT ?3",
-            args)
-        return [indexed, queued]
+            args) for table in ("notes_unindexed", "notes_scanned")]
 
     def get(self, note_id):
         row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
@@ -1594,7 +1656,9 @@ class MainLoop:
         hint = (f"a ?q= that the index cannot serve (shorter than {SEARCH_MIN} characters) "
                 "scans every note: use a longer one" if scan else
                 "narrow it (a smaller limit, a longer ?q=), or retry once the search "
-                "index has caught up with recent writes (/status: search.unindexed)")
+                "index has caught up with recent writes (/status: search.unindexed); "
+                f"notes over {INDEX_CHUNK_CHARS} characters are always scanned "
+                "(search.scanned)")
         with self.store.budget(self.config.command_budget / 1000, hint):
             return self.store.page(after, limit, text, backwards)
 
@@ -1646,7 +1710,7 @@ class MainLoop:
             "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
                         "last_error": self.storage_error},
             "search": {"mode": "index" if self.store.indexed else "scan",
-                       "unindexed": self.store.unindexed_count()},
+                       **self.store.search_counts()},
             "commands": self._command_figures(),
         }
 

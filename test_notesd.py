@@ -3253,9 +3253,49 @@ def test_existing_database_gets_the_search_index(make_daemon, tmp_path):
     assert status["search"]["mode"] == "index", status
     d.stop()
     with contextlib.closing(sqlite3.connect(d.database)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("SELECT count(*) FROM notes_search WHERE notes_search MATCH "
                           "'\"unique\"'").fetchone()[0] == 1
+
+
+def _notesd_constant(name):
+    """A constant of notesd.py, read from its source without importing it."""
+    with open(NOTESD) as f:
+        tree = ast.parse(f.read())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name)
+
+
+def test_a_database_indexed_by_migration_2_keeps_its_long_notes_right(make_daemon):
+    """Migration 3 keeps notes over 16,000 characters out of the index; a
+    database from before it may hold such notes in the index, or queued for
+    it. A write to an indexed one must still take it out of the index, and
+    a queued one is put aside and scanned."""
+    d = make_daemon(start=False)
+    long_texts = ["indexed long " + "a" * 20000, "queued long " + "b" * 20000]
+    _old_database(d.database, ["short"] + long_texts)
+    with contextlib.closing(sqlite3.connect(d.database, isolation_level=None)) as db:
+        for statement in _notesd_constant("SEARCH_INDEX"):  # migration 2, as it ran
+            db.execute(statement)
+        db.execute("INSERT INTO notes_search (rowid, text) SELECT id, text FROM notes"
+                   " WHERE id <= 2")  # what its index_some did
+        db.execute("DELETE FROM notes_unindexed WHERE id <= 2")
+        db.execute("PRAGMA user_version = 2")
+    d.start()
+    wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 10, d,
+               "the queue to be emptied")
+    assert d.get("/status").json()["search"]["scanned"] == 1
+    assert _search(d, "indexed long") == [2]
+    assert _search(d, "queued long") == [3]
+    assert d.request("PUT", "/2/", {"text": "was long"}).status == 200
+    assert d.request("DELETE", "/3/").status == 204
+    assert _search(d, "long") == [2]
+    assert _search(d, "aaa") == _search(d, "bbb") == []
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        # FTS5's own check: every indexed note's text is what the index holds
+        db.execute("INSERT INTO notes_search (notes_search) VALUES ('integrity-check')")
 
 
 def test_a_slow_search_is_aborted_and_the_loop_keeps_turning(make_daemon):
@@ -3301,10 +3341,10 @@ def test_big_notes_are_indexed_a_few_at_a_time(make_daemon):
 
 
 @contextlib.contextmanager
-def _asking(d, path, answered):
+def _asking(d, path, answered, keep=lambda status, body: status):
     """A client that asks GET `path` again as soon as it has its reply, on
-    one connection, until the block ends: each status into `answered`.
-    Yields its thread."""
+    one connection, until the block ends: keep(status, body) of each reply
+    into `answered`. Yields its thread."""
     stop = threading.Event()
 
     def ask():
@@ -3313,8 +3353,7 @@ def _asking(d, path, answered):
             while not stop.is_set():
                 c.request("GET", path, headers={"Accept": "application/json"})
                 r = c.getresponse()
-                r.read()
-                answered.append(r.status)
+                answered.append(keep(r.status, r.read()))
     thread = threading.Thread(target=ask)
     thread.start()
     try:
@@ -3322,6 +3361,42 @@ def _asking(d, path, answered):
     finally:
         stop.set()
         thread.join(HTTP_TIMEOUT)
+
+
+def _heartbeats(status, body):
+    """/health's status and heartbeat_age (seconds since the loop last turned)."""
+    return status, json.loads(body)["heartbeat_age"]
+
+
+def test_a_huge_note_is_scanned_not_indexed(make_daemon):
+    """FTS5 indexes a note in one step no budget can interrupt, and random
+    text costs it more than linearly: a note of 1,000,000 random characters
+    (under max_body) held the loop 5.6 s, and so did a PUT or DELETE of it
+    once indexed (FTS5 reads the old text to take it out). A note over
+    INDEX_CHUNK_CHARS stays out of the index; searches scan it."""
+    d = make_daemon()
+    rng = random.Random(14)
+    letters = string.ascii_letters + string.digits
+    huge = ["".join(rng.choices(letters, k=1_000_000)) for _ in range(2)]
+    small = d.note("a small note, indexed")["id"]
+    indexed = lambda: d.get("/status").json()["search"]["unindexed"] == 0  # noqa: E731
+    health = []
+    with _asking(d, "/health", health, _heartbeats):
+        put, deleted = (d.note(text)["id"] for text in huge)
+        wait_until(indexed, 30, d, "the huge notes to be put aside")
+        assert d.get("/status").json()["search"]["scanned"] == 2
+        assert _search(d, huge[0][500_000:500_010]) == [put]
+        assert _search(d, huge[1][-10:]) == [deleted]
+        assert d.request("PUT", "/%d/" % put, {"text": "small now"}).status == 200
+        assert d.request("DELETE", "/%d/" % deleted).status == 204
+        wait_until(indexed, 30, d, "the note put small to be indexed")
+    assert d.get("/status").json()["search"]["scanned"] == 0
+    # An idle loop turns at least once a second (notesd.TICK)
+    assert max(age for _, age in health) < 2, max(health, key=lambda h: h[1])
+    assert {status for status, _ in health} == {200}
+    assert _search(d, "small now") == [put]
+    assert _search(d, huge[0][:10]) == _search(d, huge[1][:10]) == []
+    assert _search(d, "small note") == [small]
 
 
 def test_a_word_in_every_note_is_found_a_page_at_a_time(make_daemon):
