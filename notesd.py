@@ -170,6 +170,10 @@ ACCEPT_BACKOFF = 0.1
 REFUSALS_LOGGED_EVERY = 60.0
 #: notes per page of GET /: the default and the most a client may ask for.
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
+#: characters of ?q= at most (400 above). SQLite's instr() costs a note's
+#: length times the text's in one step no budget can interrupt: a text of
+#: 7,000 characters took 116 ms over one note of 1 MB (attack review).
+QUERY_MAX = 1000
 #: bytes of JSON in a page of GET / at most (a page holds one note even if it
 #: is larger). Without it, 1000 notes of max_body bytes would be a reply of
 #: gigabytes, built in memory (issue 9); 4 MiB is a page of 1000 notes of 4 KiB.
@@ -756,7 +760,7 @@ def example_config():
 #: queue in bulk when idle (and a little every tick), as PostgreSQL's GIN
 #: fastupdate does, and a search reads the index and the queue (Store.page).
 #: Only the removal of a note already indexed is done at once: FTS5 needs
-#: the very text it indexed to take it out. Migration 3 (_scan_huge_notes)
+#: the very text it indexed to take it out. Migration 3 (SCAN_LONG_NOTES)
 #: changes the triggers; these are migration 2 as it ran.
 SEARCH_INDEX = (
     """CREATE VIRTUAL TABLE notes_search USING fts5(
@@ -792,29 +796,42 @@ def _add_search_index(db):
             db.execute(statement)
 
 
-#: Migration 3: a note longer than INDEX_CHUNK_CHARS is never indexed. FTS5
+#: Migration 3: a note of more than INDEX_NOTE_BYTES is never indexed. FTS5
 #: takes a note in one step that no budget can interrupt, and random text
-#: costs it more than linearly (16,000 characters: 11-19 ms; 100,000: 0.33 s;
-#: 1,000,000, under max_body: 5.6 s, and as long again to take it out on
-#: a PUT or DELETE). index_some() moves such a note from the queue to
-#: notes_scanned, and a search scans those (Store._search), under the
-#: command budget. The triggers must know them: FTS5 told to take out a
-#: note it never indexed damaged the index ("database disk image is
-#: malformed" at the next write, in a test of these triggers without
-#: their notes_scanned clauses). A write puts a note back in the queue,
-#: which decides again.
-SCAN_HUGE_NOTES = (
-    "CREATE TABLE IF NOT EXISTS notes_scanned (id INTEGER PRIMARY KEY)",
-    "DROP TRIGGER IF EXISTS notes_search_update",
-    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes
-       WHEN NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id) BEGIN
+#: costs it more than linearly (1,000,000 characters, under max_body: 5.6 s,
+#: and as long again to take it out on a PUT or DELETE; at 300k notes, one of
+#: 16 KB took 53 ms, one of 8 KB 2-6 ms). The triggers send such a note to
+#: notes_scanned instead of the queue, and a search scans those one by one
+#: under the command budget (Store._scanned). Their delete clauses must
+#: know them: FTS5 told to take out a note it never indexed damaged the
+#: index ("database disk image is malformed" at the next write). A database
+#: indexed before this may hold long notes in its index, so the index is
+#: emptied and every note queued or put aside again: the main loop rebuilds
+#: it in the background, as it built it (a few seconds at 300k notes, once).
+#: The bound is written into the triggers: changing it needs a migration.
+SCAN_LONG_NOTES = (
+    "CREATE TABLE notes_scanned (id INTEGER PRIMARY KEY)",
+    "INSERT INTO notes_search (notes_search) VALUES ('delete-all')",
+    "DELETE FROM notes_unindexed",
+    "INSERT INTO notes_unindexed (id) SELECT id FROM notes WHERE {short}",
+    "INSERT INTO notes_scanned (id) SELECT id FROM notes WHERE NOT {short}",
+    "DROP TRIGGER notes_search_insert",
+    """CREATE TRIGGER notes_search_insert AFTER INSERT ON notes BEGIN
+           INSERT INTO notes_unindexed (id) SELECT new.id WHERE {new_short};
+           INSERT INTO notes_scanned (id) SELECT new.id WHERE NOT {new_short};
+       END""",
+    "DROP TRIGGER notes_search_update",
+    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes BEGIN
            INSERT INTO notes_search (notes_search, rowid, text)
                SELECT 'delete', old.id, old.text
-               WHERE NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
+               WHERE NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id)
+                 AND NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
+           DELETE FROM notes_unindexed WHERE id = old.id;
            DELETE FROM notes_scanned WHERE id = old.id;
-           INSERT INTO notes_unindexed (id) VALUES (new.id);
+           INSERT INTO notes_unindexed (id) SELECT new.id WHERE {new_short};
+           INSERT INTO notes_scanned (id) SELECT new.id WHERE NOT {new_short};
        END""",
-    "DROP TRIGGER IF EXISTS notes_search_delete",
+    "DROP TRIGGER notes_search_delete",
     """CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN
            INSERT INTO notes_search (notes_search, rowid, text)
                SELECT 'delete', old.id, old.text
@@ -824,13 +841,18 @@ SCAN_HUGE_NOTES = (
            DELETE FROM notes_scanned WHERE id = old.id;
        END""",
 )
+#: A note's size in bytes of UTF-8: CAST AS BLOB only relabels the value.
+INDEX_NOTE_BYTES = 8192
+NOTE_BYTES = "length(CAST({} AS BLOB))"
 
 
-def _scan_huge_notes(db):
-    """Migration 3 (SCAN_HUGE_NOTES), where there is an index to change."""
+def _scan_long_notes(db):
+    """Migration 3 (SCAN_LONG_NOTES), where there is an index to change."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone():
-        for statement in SCAN_HUGE_NOTES:
-            db.execute(statement)
+        short = {name: f"{NOTE_BYTES.format(column)} <= {INDEX_NOTE_BYTES}"
+                 for name, column in (("short", "text"), ("new_short", "new.text"))}
+        for statement in SCAN_LONG_NOTES:
+            db.execute(statement.format(**short))
 
 
 def _has_trigram(db):
@@ -851,7 +873,7 @@ MIGRATIONS = [
            created TEXT NOT NULL,                      -- RFC 3339, UTC
            updated TEXT NOT NULL)""",
     _add_search_index,
-    _scan_huge_notes,
+    _scan_long_notes,
 ]
 #: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
 SEARCH_MIN = 3
@@ -859,11 +881,11 @@ SEARCH_MIN = 3
 #: it spends on that at once; it does when no command came for INDEX_IDLE
 #: seconds (under load, a slice there would hold every request behind it).
 INDEX_CHUNK, INDEX_SLICE, INDEX_IDLE = 50, 0.01, 0.005
-#: ...and at most this many characters of text per transaction (a typical
-#: chunk holds 6,000): FTS5 takes a chunk whole, and 50 notes of 300,000
-#: random characters held the loop 75 s (attack review). A longer note is
-#: not indexed at all, but scanned (SCAN_HUGE_NOTES).
-INDEX_CHUNK_CHARS = 16_000
+#: ...and at most this many bytes of text per transaction (a typical chunk
+#: holds 6,000): FTS5 takes a chunk whole, and 50 notes of 300,000 random
+#: characters held the loop 75 s (attack review). No queued note is larger
+#: than INDEX_NOTE_BYTES (SCAN_LONG_NOTES).
+INDEX_CHUNK_BYTES = 16_384
 #: However busy, the loop gives the index INDEX_SHARE of its time, and
 #: INDEX_SHARE_BEHIND once more than INDEX_BACKLOG notes wait: a search
 #: scans the queue, about 1.4 us a note (14 ms for 10,000, a third of the
@@ -972,49 +994,44 @@ class Store:
         return self.indexed and len(text) >= SEARCH_MIN
 
     def index_some(self, seconds):
-        """Index queued notes, INDEX_CHUNK notes and INDEX_CHUNK_CHARS
-        characters at most per transaction (one note at least), for about
-        `seconds`, and put those over INDEX_CHUNK_CHARS aside in
-        notes_scanned; then self.unindexed says how many are left."""
+        """Index queued notes, INDEX_CHUNK notes and INDEX_CHUNK_BYTES at
+        most per transaction (one note at least), for about `seconds`; then
+        self.unindexed says how many are left."""
         deadline = time.monotonic() + seconds
         while True:
             queued = self.db.execute(
-                "SELECT u.id, length(n.text) FROM notes_unindexed AS u CROSS JOIN notes AS n"
-                " ON n.id = u.id ORDER BY u.id LIMIT ?", (INDEX_CHUNK,))
+                f"SELECT u.id, {NOTE_BYTES.format('n.text')} FROM notes_unindexed AS u"
+                " CROSS JOIN notes AS n ON n.id = u.id ORDER BY u.id LIMIT ?",
+                (INDEX_CHUNK,)).fetchall()
             last = self._chunk_end(queued)
-            queued.close()
             if last is None:
                 self.unindexed = 0
                 return
-            chunk = (" FROM notes_unindexed AS u CROSS JOIN notes AS n ON n.id = u.id"
-                     " WHERE u.id <= ?1 AND length(n.text)")
             self.begin()
             try:
-                self.db.execute(f"INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
-                                f"{chunk} <= ?2", (last, INDEX_CHUNK_CHARS))
-                self.db.execute(f"INSERT INTO notes_scanned (id) SELECT n.id{chunk} > ?2",
-                                (last, INDEX_CHUNK_CHARS))
+                self.db.execute("INSERT INTO notes_search (rowid, text) SELECT n.id, n.text"
+                                " FROM notes_unindexed AS u CROSS JOIN notes AS n"
+                                " ON n.id = u.id WHERE u.id <= ?", (last,))
                 self.db.execute("DELETE FROM notes_unindexed WHERE id <= ?", (last,))
                 self.commit()
             finally:
                 self.rollback()
+            if last == queued[-1][0] and len(queued) < INDEX_CHUNK:
+                self.unindexed = 0
+                return
             if time.monotonic() >= deadline:
                 self.unindexed = self._backlog()
                 return
 
     @staticmethod
     def _chunk_end(queued):
-        """The last id of the next indexing transaction, from the cursor
-        `queued` ((id, length) in id order): as many notes as
-        INDEX_CHUNK_CHARS holds, one at least; None if nothing is queued.
-        A note too long to index, which is only put aside, fills a chunk all
-        the same: reading it takes time too (50 of 1 MB in one transaction:
-        233 ms). Rows are read only as far as needed: length() reads the
-        text, and fetching 50 lengths at once read 50 MB for each note."""
-        last, chars = None, 0
+        """The last id of the next indexing transaction, from `queued`
+        ((id, bytes) in id order): as many notes as INDEX_CHUNK_BYTES
+        holds, one at least; None if nothing is queued."""
+        last, size = None, 0
         for note_id, length in queued:
-            chars += min(length, INDEX_CHUNK_CHARS)
-            if last is not None and chars > INDEX_CHUNK_CHARS:
+            size += length
+            if last is not None and size > INDEX_CHUNK_BYTES:
                 break
             last = note_id
         return last
@@ -1136,7 +1153,7 @@ class Store:
         if not indexed.fetchone():
             self.db.execute("BEGIN IMMEDIATE")
             _add_search_index(self.db)
-            _scan_huge_notes(self.db)
+            _scan_long_notes(self.db)
             self.db.execute("COMMIT")
 
     def begin(self):
@@ -1190,7 +1207,7 @@ class Store:
         return rows
 
     def _search(self, text, after, limit, side, order):
-        """Three cursors, each in id order: the indexed notes that contain
+        """Three iterators, each in id order: the indexed notes that contain
         the text, and those of the queue (notes_unindexed) and of the notes
         too long to index (notes_scanned) that do; page() merges them. Each
         is driven by its own ids, so a page of a word in most notes stops
@@ -1203,10 +1220,30 @@ class Store:
             "SELECT n.* FROM notes_search AS s JOIN notes AS n ON n.id = s.rowid"
             f" WHERE notes_search MATCH ?4 AND s.rowid {side} ?2 AND instr(n.text, ?1) > 0"
             f" ORDER BY s.rowid {order} LIMIT ?3", args + (phrase,))
-        return [indexed] + [self.db.execute(
-            f"SELECT n.* FROM {table} AS u CROSS JOIN notes AS n ON n.id = u.id"
+        queued = self.db.execute(
+            "SELECT n.* FROM notes_unindexed AS u CROSS JOIN notes AS n ON n.id = u.id"
             f" WHERE u.id {side} ?2 AND instr(n.text, ?1) > 0 ORDER BY u.id {order} LIMIT ?3",
-            args) for table in ("notes_unindexed", "notes_scanned")]
+            args)
+        return [indexed, queued, self._scanned(text, after, limit, side, order)]
+
+    def _scanned(self, text, after, limit, side, order):
+        """The notes too long to index (notes_scanned) that contain `text`,
+        in id order, read one at a time and matched by Python, with the
+        budget looked at between two: SQLite's instr() costs the note's
+        length times the text's, in one step the progress handler cannot
+        interrupt (a 20,000-character ?q= over 20 notes of 1 MB held the
+        loop 7 s); str.__contains__ is linear (CPython 3.10+, two-way)."""
+        ids = self.db.execute(f"SELECT id FROM notes_scanned WHERE id {side} ?"
+                              f" ORDER BY id {order}", (after,)).fetchall()
+        for (note_id,) in ids:
+            if self._past_deadline():  # as the progress handler's abort says it
+                raise sqlite3.OperationalError("interrupted")
+            row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
+            if row and text in row[1]:
+                yield row
+                limit -= 1
+                if not limit:
+                    return
 
     def get(self, note_id):
         row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
@@ -1657,8 +1694,7 @@ class MainLoop:
                 "scans every note: use a longer one" if scan else
                 "narrow it (a smaller limit, a longer ?q=), or retry once the search "
                 "index has caught up with recent writes (/status: search.unindexed); "
-                f"notes over {INDEX_CHUNK_CHARS} characters are always scanned "
-                "(search.scanned)")
+                f"notes over {INDEX_NOTE_BYTES} bytes are always scanned (search.scanned)")
         with self.store.budget(self.config.command_budget / 1000, hint):
             return self.store.page(after, limit, text, backwards)
 
@@ -2722,6 +2758,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         limit = _int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         after = _int_param(params, "after", 0, 0, SQLITE_MAX_INT)
         text = params.get("q") or None
+        if text and len(text) > QUERY_MAX:
+            raise _http_error(400, f"'q' is longer than {QUERY_MAX} characters")
         if text and CONTROL_RE.search(text):
             # No note holds one, and FTS5 reads a NUL as the end of its query
             # ("unterminated string"): a storage error, not the client's.
