@@ -807,7 +807,7 @@ def _add_search_index(db):
 #: index ("database disk image is malformed" at the next write). A database
 #: indexed before this may hold long notes in its index, so the index is
 #: emptied and every note queued or put aside again: the main loop rebuilds
-#: it in the background, as it built it (a few seconds at 300k notes, once).
+#: it in the background, as it built it (1M notes: about two minutes, once).
 #: The bound is written into the triggers: changing it needs a migration.
 SCAN_LONG_NOTES = (
     "CREATE TABLE notes_scanned (id INTEGER PRIMARY KEY)",
@@ -841,8 +841,10 @@ SCAN_LONG_NOTES = (
            DELETE FROM notes_scanned WHERE id = old.id;
        END""",
 )
-#: A note's size in bytes of UTF-8: CAST AS BLOB only relabels the value.
+#: The largest note indexed, in bytes of UTF-8 (SCAN_LONG_NOTES).
 INDEX_NOTE_BYTES = 8192
+#: A note's size in bytes of UTF-8, in SQL: CAST AS BLOB relabels the text
+#: without copying it (SQLite 3.40 has no octet_length()).
 NOTE_BYTES = "length(CAST({} AS BLOB))"
 
 

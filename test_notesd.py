@@ -3077,12 +3077,12 @@ def small_disk(tmp_path):
 
 
 def _fill(path):
-    """Write zeros to `path` until the disk is full."""
-    with open(path, "wb") as f:
+    """Write zeros to `path` until the disk is full. Unbuffered: a buffered
+    file kept what the disk refused and raised ENOSPC again on close."""
+    with open(path, "wb", buffering=0) as f:
         with contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
 
 
 def _health(d):
