@@ -3603,7 +3603,8 @@ SCHEMAS = {
                "properties": {k: {} for k in (
                    "pid", "version", "python", "started_at", "uptime", "listen", "pidfile",
                    "database", "notes", "requests", "queue_depth", "loop_lag_ms", "threads",
-                   "rss_bytes", "reloads", "last_reload", "last_restart")}},
+                   "rss_bytes", "reloads", "last_reload", "last_restart", "storage", "search",
+                   "commands")}},
     # GET /config shows every key; PATCH changes live ones, and answers 409
     # for a new value of the others (readOnly: not to be sent).
     "Config": {"type": "object", "additionalProperties": False,

@@ -1718,6 +1718,9 @@ def test_openapi_document(shared):
     assert {"get", "post"} <= set(doc["paths"]["/"])
     assert {"get", "put", "delete"} <= set(doc["paths"]["/{id}/"])
     assert {"get", "patch"} <= set(doc["paths"]["/config"])
+    # every field /status gives is declared (storage, search and commands were not)
+    declared = set(doc["components"]["schemas"]["Status"]["properties"])
+    assert set(shared.get("/status").json()) <= declared, set(shared.get("/status").json()) - declared
 
 
 def test_html_pages(shared):
