@@ -843,6 +843,9 @@ SCAN_LONG_NOTES = (
 )
 #: The largest note indexed, in bytes of UTF-8 (SCAN_LONG_NOTES).
 INDEX_NOTE_BYTES = 8192
+#: Characters of a long note matched at once between two looks at the
+#: budget (Store._contains): 64k x QUERY_MAX is a few ms, even on 3.9.
+SCAN_WINDOW = 1 << 16
 #: A note's size in bytes of UTF-8, in SQL: CAST AS BLOB relabels the text
 #: without copying it (SQLite 3.40 has no octet_length()).
 NOTE_BYTES = "length(CAST({} AS BLOB))"
@@ -1190,6 +1193,11 @@ class Store:
         side, order = ("<=", "DESC") if backwards else (">", "ASC")
         if text and self.indexes(text):
             cursors = self._search(text, after, limit, side, order)
+        elif text and self.indexed:  # too short for the index: scan, long notes apart
+            cursors = [self.db.execute(
+                f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0 AND id NOT IN"
+                f" (SELECT id FROM notes_scanned) ORDER BY id {order} LIMIT ?",
+                (after, text, limit)), self._scanned(text, after, limit, side, order)]
         elif text:
             cursors = [self.db.execute(
                 f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0"
@@ -1201,13 +1209,15 @@ class Store:
         found = cursors[0] if len(cursors) == 1 else \
             heapq.merge(*cursors, key=lambda row: -row[0] if backwards else row[0])
         rows, size = [], 0
-        for row in itertools.islice(found, limit):
-            rows.append(Row._make(row))
-            size += len(row[1])
-            if size > PAGE_BYTES and len(rows) > 1:
-                break
-        for cursor in cursors:
-            cursor.close()
+        try:
+            for row in itertools.islice(found, limit):
+                rows.append(Row._make(row))
+                size += len(row[1])
+                if size > PAGE_BYTES and len(rows) > 1:
+                    break
+        finally:
+            for cursor in cursors:
+                cursor.close()
         return rows
 
     def _search(self, text, after, limit, side, order):
@@ -1233,21 +1243,33 @@ class Store:
     def _scanned(self, text, after, limit, side, order):
         """The notes too long to index (notes_scanned) that contain `text`,
         in id order, read one at a time and matched by Python, with the
-        budget looked at between two: SQLite's instr() costs the note's
-        length times the text's, in one step the progress handler cannot
-        interrupt (a 20,000-character ?q= over 20 notes of 1 MB held the
-        loop 7 s); str.__contains__ is linear (CPython 3.10+, two-way)."""
+        budget looked at between two and within each (_contains): SQLite's
+        instr() costs the note's length times the text's, in one step the
+        progress handler cannot interrupt (a 20,000-character ?q= over 20
+        notes of 1 MB held the loop 7 s), and the handler runs every
+        BUDGET_STEPS steps, 150 rows of 1 MB and more (?q=zz over 150 of
+        them: 293 ms, not aborted; attack review)."""
         ids = self.db.execute(f"SELECT id FROM notes_scanned WHERE id {side} ?"
                               f" ORDER BY id {order}", (after,)).fetchall()
         for (note_id,) in ids:
-            if self._past_deadline():  # as the progress handler's abort says it
-                raise sqlite3.OperationalError("interrupted")
             row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
-            if row and text in row[1]:
+            if row and self._contains(row[1], text):
                 yield row
                 limit -= 1
                 if not limit:
                     return
+
+    def _contains(self, text, sub):
+        """`sub in text`, a window of SCAN_WINDOW characters at a time, the
+        budget looked at before each: str.find is linear on CPython 3.10+
+        (two-way), but on 3.9 a crafted `sub` made it quadratic, 346 ms for
+        one note of 1 MB (attack review). Windows overlap by len(sub) - 1."""
+        for start in range(0, max(len(text) - len(sub), 0) + 1, SCAN_WINDOW):
+            if self._past_deadline():  # as the progress handler's abort says it
+                raise sqlite3.OperationalError("interrupted")
+            if text.find(sub, start, start + SCAN_WINDOW + len(sub) - 1) >= 0:
+                return True
+        return False
 
     def get(self, note_id):
         row = self.db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)).fetchone()
