@@ -816,31 +816,25 @@ SCAN_LONG_NOTES = (
     "INSERT INTO notes_unindexed (id) SELECT id FROM notes WHERE {short}",
     "INSERT INTO notes_scanned (id) SELECT id FROM notes WHERE NOT {short}",
     "DROP TRIGGER notes_search_insert",
-    """CREATE TRIGGER notes_search_insert AFTER INSERT ON notes BEGIN
-           INSERT INTO notes_unindexed (id) SELECT new.id WHERE {new_short};
-           INSERT INTO notes_scanned (id) SELECT new.id WHERE NOT {new_short};
-       END""",
+    "CREATE TRIGGER notes_search_insert AFTER INSERT ON notes BEGIN {file} END",
     "DROP TRIGGER notes_search_update",
-    """CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes BEGIN
-           INSERT INTO notes_search (notes_search, rowid, text)
-               SELECT 'delete', old.id, old.text
-               WHERE NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id)
-                 AND NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
-           DELETE FROM notes_unindexed WHERE id = old.id;
-           DELETE FROM notes_scanned WHERE id = old.id;
-           INSERT INTO notes_unindexed (id) SELECT new.id WHERE {new_short};
-           INSERT INTO notes_scanned (id) SELECT new.id WHERE NOT {new_short};
-       END""",
+    "CREATE TRIGGER notes_search_update AFTER UPDATE OF text ON notes BEGIN {forget} {file} END",
     "DROP TRIGGER notes_search_delete",
-    """CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN
+    "CREATE TRIGGER notes_search_delete AFTER DELETE ON notes BEGIN {forget} END",
+)
+#: The triggers' two halves. FILE_NOTE: the new text goes to the queue, or
+#: aside if long. FORGET_NOTE: the old text leaves the index (only if it is
+#: there: neither queued nor aside), the queue and notes_scanned.
+FILE_NOTE = """
+           INSERT INTO notes_unindexed (id) SELECT new.id WHERE {new_short};
+           INSERT INTO notes_scanned (id) SELECT new.id WHERE NOT {new_short};"""
+FORGET_NOTE = """
            INSERT INTO notes_search (notes_search, rowid, text)
                SELECT 'delete', old.id, old.text
                WHERE NOT EXISTS (SELECT 1 FROM notes_unindexed WHERE id = old.id)
                  AND NOT EXISTS (SELECT 1 FROM notes_scanned WHERE id = old.id);
            DELETE FROM notes_unindexed WHERE id = old.id;
-           DELETE FROM notes_scanned WHERE id = old.id;
-       END""",
-)
+           DELETE FROM notes_scanned WHERE id = old.id;"""
 #: The largest note indexed, in bytes of UTF-8 (SCAN_LONG_NOTES).
 INDEX_NOTE_BYTES = 8192
 #: Characters of a long note matched at once between two looks at the
@@ -854,10 +848,11 @@ NOTE_BYTES = "length(CAST({} AS BLOB))"
 def _scan_long_notes(db):
     """Migration 3 (SCAN_LONG_NOTES), where there is an index to change."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone():
-        short = {name: f"{NOTE_BYTES.format(column)} <= {INDEX_NOTE_BYTES}"
-                 for name, column in (("short", "text"), ("new_short", "new.text"))}
+        short = f"{NOTE_BYTES.format('{}')} <= {INDEX_NOTE_BYTES}"
+        parts = {"short": short.format("text"), "forget": FORGET_NOTE,
+                 "file": FILE_NOTE.format(new_short=short.format("new.text"))}
         for statement in SCAN_LONG_NOTES:
-            db.execute(statement.format(**short))
+            db.execute(statement.format(**parts))
 
 
 def _has_trigram(db):
@@ -1193,15 +1188,13 @@ class Store:
         side, order = ("<=", "DESC") if backwards else (">", "ASC")
         if text and self.indexes(text):
             cursors = self._search(text, after, limit, side, order)
-        elif text and self.indexed:  # too short for the index: scan, long notes apart
+        elif text:  # too short for the index, or no index: scan (long notes apart)
+            apart = " AND id NOT IN (SELECT id FROM notes_scanned)" if self.indexed else ""
             cursors = [self.db.execute(
-                f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0 AND id NOT IN"
-                f" (SELECT id FROM notes_scanned) ORDER BY id {order} LIMIT ?",
-                (after, text, limit)), self._scanned(text, after, limit, side, order)]
-        elif text:
-            cursors = [self.db.execute(
-                f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0"
+                f"SELECT * FROM notes WHERE id {side} ? AND instr(text, ?) > 0{apart}"
                 f" ORDER BY id {order} LIMIT ?", (after, text, limit))]
+            if self.indexed:
+                cursors.append(self._scanned(text, after, limit, side, order))
         else:
             cursors = [self.db.execute(
                 f"SELECT * FROM notes WHERE id {side} ? ORDER BY id {order} LIMIT ?",
