@@ -877,6 +877,8 @@ MIGRATIONS = [
 ]
 #: the shortest ?q= the trigram index serves; shorter ones scan, under budget.
 SEARCH_MIN = 3
+#: the first SQLite whose quick_check takes a table name (damage_before_ready).
+QUICK_CHECK_TABLE = (3, 33, 0)
 #: notes indexed per transaction when the main loop catches up, and seconds
 #: it spends on that at once; it does when no command came for INDEX_IDLE
 #: seconds (under load, a slice there would hold every request behind it).
@@ -905,10 +907,10 @@ def utc_now():
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def damage(db):
-    """What PRAGMA quick_check finds wrong with the database open as `db`,
-    one line a problem (at most three); [] when it passes. Any thread that
-    may use `db`.
+def damage(db, table=None):
+    """What PRAGMA quick_check finds wrong with the database open as `db`
+    (or with `table` alone and its indexes), one line a problem, at most
+    three; [] when it passes. Any thread that may use `db`.
 
     quick_check reads every page and checks SQLite's structure (b-tree
     pages, cells, free list), skipping the cross-checks of indexes against
@@ -916,16 +918,42 @@ def damage(db):
     note's text: SQLite keeps no checksums. A file too damaged to be checked
     at all raises SQLITE_CORRUPT or SQLITE_NOTADB, which CPython turns into
     sqlite3.DatabaseError itself (Modules/_sqlite/util.c); that is damage
-    too. OperationalError (locked, I/O error, cannot open) is not, and
-    propagates."""
+    too. OperationalError (locked, I/O error, cannot open, interrupted) is
+    not, and propagates."""
     try:
-        rows = db.execute("PRAGMA quick_check(3)").fetchall()
+        rows = db.execute(f"PRAGMA quick_check({table or 3})").fetchall()
     except sqlite3.OperationalError:
         raise
     except sqlite3.DatabaseError as e:
         rows = [(str(e),)]
-    problems = [" ".join(str(row[0]).split()) for row in rows]  # one line: the readiness pipe
-    return [] if problems == ["ok"] else problems
+    lines = [" ".join(line.split()) for row in rows for line in str(row[0]).splitlines()]
+    problems = [line for line in lines if line and not line.startswith("*** in database")]
+    return [] if problems == ["ok"] else problems[:3]  # one line each: the readiness pipe
+
+
+def damage_before_ready(db):
+    """quick_check of what clients gave notesd: every table but the search
+    index's (FTS5's notes_search_* tables), each alone, which SQLite 3.33
+    allows. The index is most of the file (1M notes: 557 MB, the notes 186),
+    and the check of the whole file took `start` past its 1 s; the daemon
+    checks the whole file once it serves (Store.check_whole_file). Damage
+    found here is confirmed by the check of the whole file before notesd
+    refuses to start: a check of one table skips the pages of the others,
+    and an error in how an older SQLite did that would refuse a sound file.
+    Before 3.33, the argument would be read as a count: the whole file."""
+    if sqlite3.sqlite_version_info < QUICK_CHECK_TABLE:
+        return damage(db)
+    tables = [row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'notes_search%'")]
+    for table in ["sqlite_master"] + tables:
+        if damage(db, table):
+            return damage(db)
+    return []
+
+
+def damaged(path, problems, consequence):
+    return (f"database {path} is damaged; PRAGMA quick_check says: {'; '.join(problems)}. "
+            f"{consequence}: restore the latest backup as README.md says (Backups, Restore)")
 
 
 def etag(row):
@@ -941,15 +969,17 @@ class Store:
     synchronous=FULL makes every COMMIT durable before the main loop replies;
     the caller groups writes with begin()/commit() (group commit).
 
-    A database that fails PRAGMA quick_check is refused before anything
-    else touches it: serving from it would answer from broken pages, and a
-    write could spread the damage. The check reads the whole file: 0.2 s
-    for 1M notes (158 MB) in the page cache, against `start`'s budget of
-    1 s with 1M notes. So it runs at every start, not only after an unclean
-    stop: a restored file, or a disk that went bad while notesd was
-    stopped, is what it is for. With the search index the file is 531 MB
-    and the check 0.75-0.88 s, which takes `start` past that budget
-    (README, Performance).
+    A database whose notes fail PRAGMA quick_check is refused before
+    anything else touches it: serving from it would answer from broken
+    pages, and a write could spread the damage. It runs at every start, not
+    only after an unclean stop: a restored file, or a disk that went bad
+    while notesd was stopped, is what it is for. The tables are checked
+    before READY, the search index after (damage_before_ready): with 1M
+    notes the whole file's check took 0.41-0.88 s of `start`'s 1 s, the
+    notes' 0.2 s. The whole file is checked once the daemon serves, by a
+    thread with a connection of its own (check_whole_file), opened here so
+    that it needs no path inside a chroot; damage found there stops writes
+    (MainLoop.do_checked).
     """
 
     def __init__(self, path):
@@ -957,13 +987,10 @@ class Store:
         self.top = None  # the largest id given so far, once read (ids_left)
         try:
             self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            problems = damage(self.db)
+            problems = damage_before_ready(self.db)
             if problems:
                 self.db.close()
-                raise NotesdError(
-                    f"database {path} is damaged; PRAGMA quick_check says: "
-                    f"{'; '.join(problems)}. notesd will not serve from it: restore the "
-                    "latest backup as README.md says (Backups, Restore)")
+                raise NotesdError(damaged(path, problems, "notesd will not serve from it"))
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
@@ -973,9 +1000,15 @@ class Store:
             self.indexed = self._search_index()
             self.unindexed = self._backlog()
             self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
+            self.files = self._held_files()  # before the checker's are open
+            self.checker = None
+            if sqlite3.sqlite_version_info >= QUICK_CHECK_TABLE:
+                self.checker = sqlite3.connect(path, timeout=BUSY_TIMEOUT,
+                                               check_same_thread=False)
+                self.checker.execute("SELECT 1 FROM sqlite_master").fetchall()  # opens -wal, -shm
         except sqlite3.Error as e:
             raise NotesdError(f"cannot open database {path}: {e}") from None
-        self.files = self._held_files()
+        self.checking = None
         self.deadline, self.budget_aborts = float("inf"), 0
         self.db.set_progress_handler(self._past_deadline, BUDGET_STEPS)
 
@@ -1090,6 +1123,29 @@ class Store:
                         held[int(fd)] = target
         return held
 
+    def check_whole_file(self, report):
+        """Start the quick_check of the whole file in a thread, on the
+        checker connection: sqlite3 lets other threads run meanwhile, and a
+        WAL reader holds up no writer. `report(problems)` gets its verdict
+        ([] if sound, None if it did not finish). Once only; nothing to do before SQLite 3.33, where
+        the check before READY was of the whole file."""
+        if self.checker is None:
+            return
+
+        def check():
+            started = time.monotonic()
+            try:
+                problems = damage(self.checker)
+            except sqlite3.Error as e:  # interrupted by close(), or unreadable
+                log.warning("quick_check of %s did not finish: %s", self.path, e)
+                problems = None
+            else:
+                log.info("quick_check of %s: %s in %.2f s", self.path,
+                         "damage found" if problems else "ok", time.monotonic() - started)
+            report(problems)
+        self.checking = threading.Thread(target=check, name="quick_check", daemon=True)
+        self.checking.start()
+
     def chroot(self, root):
         """After chroot(2): the paths as seen from the new root."""
         self.path = jailed(self.path, root)
@@ -1172,9 +1228,23 @@ class Store:
     def ping(self):
         self.db.execute("SELECT 1").fetchone()
 
+    def checked(self):
+        """Close the checker connection once its thread is done with it, or
+        (close()) interrupt its check first. Main thread only."""
+        if self.checker is None:
+            return
+        if self.checking is not None:
+            self.checker.interrupt()  # any thread may; a no-op once it is done
+            # At worst, report() waits on a full queue: the process ends it.
+            self.checking.join(timeout=1)
+        if self.checking is None or not self.checking.is_alive():
+            self.checker.close()
+            self.checker = None
+
     def close(self):
         self.rollback()
         self.db.close()
+        self.checked()
 
     def page(self, after, limit, text=None, backwards=False):
         """Up to `limit` notes with id > after, oldest first, text containing
@@ -1381,7 +1451,9 @@ class MainLoop:
         self.heartbeat = time.monotonic()
         self.storage_problem = None  # why storage fails now (for /health), or None
         self.storage_error = None    # the last storage error and when (for /status)
-        self.vanished = None         # why the database files are not ours any more
+        self.no_writes = None        # why writes are refused until a restart: the
+        # database files are not ours any more, or the database is damaged
+        self.quick_check = "running" if store.checker else "ok"  # of the whole file
         self.lag = self._lag_window = 0.0
         self.reloads, self.last_reload = 0, None
         self.last_restart = None   # the verdict on the last SIGUSR2, for `restart`
@@ -1408,6 +1480,11 @@ class MainLoop:
             raise _http_error(503, "too many requests waiting; try again",
                               ("Retry-After", "1")) from None
         return command.wait()
+
+    def report_check(self, problems):
+        """The quick_check thread's verdict (do_checked). put() waits while
+        the queue is full: the verdict is never dropped."""
+        self.commands.put(Command("checked", problems))
 
     # -- main thread only --------------------------------------------------
 
@@ -1502,12 +1579,12 @@ class MainLoop:
         """Once a TICK: are the database files still the ones at their paths,
         and does storage answer? After a failed write (a full disk) a write
         probe tells when writes work again: /health recovers by itself."""
-        if self.vanished is None:
-            self.vanished = self.store.vanished()
-            if self.vanished:
-                self._storage_failed(f"{self.vanished}; writes are refused until notesd "
-                                     f"is restarted; {self._rescue()} (see the README, Backups)")
-        if self.vanished:
+        if self.no_writes is None:
+            vanished = self.store.vanished()
+            if vanished:
+                self._refuse_writes(f"{vanished}; writes are refused until notesd "
+                                    f"is restarted; {self._rescue()} (see the README, Backups)")
+        if self.no_writes:
             return
         try:
             if self.storage_problem:
@@ -1533,8 +1610,13 @@ class MainLoop:
         self.storage_problem = message
         self.storage_error = {"message": message, "at": utc_now()}
 
+    def _refuse_writes(self, message):
+        """For good: no write may touch these files again in this run."""
+        self.no_writes = message
+        self._storage_failed(message)
+
     def _storage_works(self):
-        if self.storage_problem and not self.vanished:
+        if self.storage_problem and not self.no_writes:
             log.info("storage works again")
             self.storage_problem = None
 
@@ -1612,8 +1694,8 @@ class MainLoop:
         started = time.monotonic()
         try:
             if opens:
-                if self.vanished:
-                    raise _http_error(503, self.storage_problem, ("Retry-After", "60"))
+                if self.no_writes:
+                    raise _http_error(503, self.no_writes, ("Retry-After", "60"))
                 if not self.store.db.in_transaction:
                     self.store.begin()
             results = run()
@@ -1763,7 +1845,7 @@ class MainLoop:
             "last_reload": self.last_reload,
             "last_restart": self.last_restart,
             "storage": {"ok": self.storage_problem is None, "problem": self.storage_problem,
-                        "last_error": self.storage_error},
+                        "last_error": self.storage_error, "quick_check": self.quick_check},
             "search": {"mode": "index" if self.store.indexed else "scan",
                        **self.store.search_counts()},
             "commands": self._command_figures(),
@@ -1783,6 +1865,18 @@ class MainLoop:
             raise _http_error(409, "these keys need a restart: " + ", ".join(restart))
         self.apply(new)
         return new.public()
+
+    def do_checked(self, problems):
+        """The verdict of the quick_check of the whole file, which began
+        when the daemon started to serve (Store.check_whole_file). Damage
+        outside the tables checked before READY (the search index, the free
+        list) stops writes, as damage found at start would have stopped
+        the start: /health and `check` say so until a restart."""
+        self.store.checked()
+        self.quick_check = "unfinished" if problems is None else "damaged" if problems else "ok"
+        if problems:
+            self._refuse_writes(damaged(self.store.path, problems,
+                                        "Writes are refused until notesd is restarted"))
 
     def do_signal(self, signum):
         getattr(self, "on_" + SIGNAL_COMMANDS[signum])()
@@ -5010,6 +5104,7 @@ def serve(config, readiness, foreground, listener=None):
     log.info("notesd %s started, pid %d, serving %s%s", __version__, os.getpid(), server.url,
              " on an inherited socket" if listener else "")
     readiness.ready(f"notesd {__version__} running, pid {os.getpid()}, {server.url}")
+    store.check_whole_file(loop.report_check)
     if successor:
         try:
             pidfile.take_over(readiness.handover)

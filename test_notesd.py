@@ -4079,6 +4079,40 @@ def test_damaged_database_is_refused_at_start(make_daemon, tmp_path):
     assert d.get("/status").json()["notes"] == 100
 
 
+def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemon):
+    """The tables of notes are checked before READY; the rest of the file,
+    the search index most of all (with 1M notes: 0.2 s of a 0.41-0.88 s
+    check), by a thread once the daemon serves. Damage found there stops
+    writes, as damage in the notes stops the start."""
+    d = make_daemon(start=False)
+    _old_database(d.database, ["note %d %s" % (i, "index me " * 20) for i in range(300)])
+    d.start()
+    wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 30, d,
+               "the search index to be built")
+    assert d.get("/status").json()["storage"]["quick_check"] == "ok"
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master"
+                          " WHERE name = 'notes_search_docsize'").fetchone()[0]
+    with open(d.database, "r+b") as f:  # the index's root page, as a bad disk would
+        f.seek((root - 1) * 4096)
+        f.write(os.urandom(4096))
+        os.fsync(f.fileno())
+    d.start()  # its notes are sound: it serves them
+    wait_until(lambda: d.get("/status").json()["storage"]["quick_check"] != "running", 10, d,
+               "the quick_check of the whole file")
+    storage = d.get("/status").json()["storage"]
+    assert storage["quick_check"] == "damaged" and not storage["ok"], storage
+    status, message = _health(d)
+    assert status == 503 and "quick_check" in message and "README" in message, message
+    assert d.get("/1/").json()["text"].startswith("note 0 ")
+    r = d.post("not now")
+    assert r.status == 503 and "damaged" in r.json()["message"], r
+    r = d.cli("check")
+    assert r.returncode == 2 and "damaged" in r.stdout, r.stdout
+    assert "damaged" in d.log()
+
+
 def _readme_block(heading, fence):
     """The first ``` block (opened by `fence`) after the `heading` line."""
     text = _readme().split("\n" + heading + "\n", 1)[1]
