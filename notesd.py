@@ -1145,8 +1145,9 @@ class Store:
         """Start the quick_check of the whole file in a thread, on the
         checker connection: sqlite3 lets other threads run meanwhile, and a
         WAL reader holds up no writer. `report(problems)` gets its verdict
-        ([] if sound, None if it did not finish). Once only; nothing to do before SQLite 3.33, where
-        the check before READY was of the whole file."""
+        ([] if sound, None if it did not finish). Once only; nothing to do
+        before SQLite 3.33, where the check before READY was of the whole
+        file."""
         if self.checker is None:
             return
 
@@ -1154,8 +1155,9 @@ class Store:
             started = time.monotonic()
             try:
                 problems = damage(self.checker)
-            except sqlite3.Error as e:  # interrupted by close(), or unreadable
-                log.warning("quick_check of %s did not finish: %s", self.path, e)
+            except sqlite3.Error as e:  # interrupted by close() (a stop), or unreadable
+                log.log(logging.INFO if str(e) == "interrupted" else logging.WARNING,
+                        "quick_check of %s did not finish: %s", self.path, e)
                 problems = None
             else:
                 log.info("quick_check of %s: %s in %.2f s", self.path,
