@@ -959,8 +959,13 @@ def damage_before_ready(db):
     Before 3.33, the argument would be read as a count: the whole file."""
     if sqlite3.sqlite_version_info < QUICK_CHECK_TABLE:
         return damage(db)
-    tables = [row[0] for row in db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'notes_search%'")]
+    try:
+        tables = [row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'notes_search%'")]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:  # not a database, page 1 damaged: the check says so
+        return damage(db)
     for table in ["sqlite_master"] + tables:
         if damage(db, table):
             return damage(db)
@@ -1022,9 +1027,12 @@ class Store:
                 self.checker = sqlite3.connect(path, timeout=BUSY_TIMEOUT,
                                                check_same_thread=False)
                 self.checker.execute("SELECT 1 FROM sqlite_master").fetchall()  # opens -wal, -shm
+                # checked() stops the check this way: interrupt() is lost on
+                # a statement that has not begun yet.
+                self.checker.set_progress_handler(lambda: self.checker_stop, BUDGET_STEPS)
         except sqlite3.Error as e:
             raise NotesdError(f"cannot open database {path}: {e}") from None
-        self.checking = None
+        self.checking, self.checker_stop, self.checker_done = None, False, threading.Event()
         self.deadline, self.budget_aborts = float("inf"), 0
         self.db.set_progress_handler(self._past_deadline, BUDGET_STEPS)
 
@@ -1155,11 +1163,13 @@ class Store:
             started = time.monotonic()
             try:
                 problems = damage(self.checker)
-            except sqlite3.Error as e:  # interrupted by close() (a stop), or unreadable
+            except sqlite3.Error as e:  # stopped by checked() (a stop), or unreadable
                 log.log(logging.INFO if str(e) == "interrupted" else logging.WARNING,
                         "quick_check of %s did not finish: %s", self.path, e)
                 problems = None
-            else:
+            finally:
+                self.checker_done.set()  # the connection is checked()'s to close
+            if problems is not None:
                 log.info("quick_check of %s: %s in %.2f s", self.path,
                          "damage found" if problems else "ok", time.monotonic() - started)
             report(problems)
@@ -1249,22 +1259,22 @@ class Store:
         self.db.execute("SELECT 1").fetchone()
 
     def checked(self):
-        """Close the checker connection once its thread is done with it, or
-        (close()) interrupt its check first. Main thread only."""
+        """Close the checker connection, stopping its check first if it
+        still runs (close(), at a stop). Main thread only."""
         if self.checker is None:
             return
-        if self.checking is not None:
-            self.checker.interrupt()  # any thread may; a no-op once it is done
-            # At worst, report() waits on a full queue: the process ends it.
-            self.checking.join(timeout=1)
-        if self.checking is None or not self.checking.is_alive():
+        self.checker_stop = True  # its progress handler ends the check
+        if self.checking is None or self.checker_done.wait(timeout=1):
             self.checker.close()
             self.checker = None
 
     def close(self):
+        """The checker first: only the last connection to close checkpoints
+        the WAL and removes it (closed after, it left a -wal that held every
+        acknowledged write of the run, attack review)."""
+        self.checked()
         self.rollback()
         self.db.close()
-        self.checked()
 
     def page(self, after, limit, text=None, backwards=False):
         """Up to `limit` notes with id > after, oldest first, text containing
@@ -1486,6 +1496,10 @@ class MainLoop:
         self.no_writes = None        # why writes are refused until a restart: the
         # database files are not ours any more, or the database is damaged
         self.quick_check = "running" if store.checker else "ok"  # of the whole file
+        # Set once its verdict is in: writes wait for it (submit).
+        self.verified = threading.Event()
+        if not store.checker:
+            self.verified.set()
         self.lag = self._lag_window = 0.0
         self.reloads, self.last_reload = 0, None
         self.last_restart = None   # the verdict on the last SIGUSR2, for `restart`
@@ -1502,7 +1516,16 @@ class MainLoop:
     # -- for any thread ----------------------------------------------------
 
     def submit(self, name, *args):
-        """Queue a command and return its result (or raise its error)."""
+        """Queue a command and return its result (or raise its error). A
+        write first waits for the verdict of the whole file's quick_check:
+        where the checks before READY cannot look (a free page that is also
+        a page of notes), a write let through before it overwrote 14 notes
+        (attack review)."""
+        if name in self.WRITES and not self.verified.is_set():
+            self.verified.wait(REPLY_TIMEOUT)
+            if self.quick_check == "running":  # no verdict in time, or a stop came first
+                raise _http_error(503, "notesd is still checking its database (PRAGMA "
+                                  "quick_check) before it takes writes", ("Retry-After", "5"))
         if self.closing:
             raise _http_error(503, "notesd is shutting down", ("Retry-After", "5"))
         command = Command(name, *args)
@@ -1525,7 +1548,7 @@ class MainLoop:
         next_tick = time.monotonic()
         while not self.stopping:
             wait = max(0.0, next_tick - time.monotonic())
-            behind = self.store.unindexed and not self.carried and not self.storage_problem
+            behind = self.store.unindexed and not self.carried and self._may_index()
             first = self._next(min(wait, INDEX_IDLE) if behind else wait)
             if first is None and behind:  # idle a while: catch the search index up
                 self._index(INDEX_SLICE)
@@ -1556,6 +1579,7 @@ class MainLoop:
         before running it, so every command run here answers with
         Connection: close (a handler is BUSY before it submits). Ends when
         no connection is left and the queue is empty, or after `grace`."""
+        self.verified.set()  # writes still waiting for a verdict get 503 (submit)
         deadline = time.monotonic() + grace
         patience = HANDOVER_IDLE if self.handed_over else 0.0
         while time.monotonic() < deadline:
@@ -1595,11 +1619,16 @@ class MainLoop:
         credit = self.index_credit + (now - self.index_clock) * share
         self.index_credit = min(credit, INDEX_SLICE)
         self.index_clock = now
-        if self.index_credit > 0 and not self.storage_problem:
+        if self.index_credit > 0 and self._may_index():
             self._index(self.index_credit)
             self.index_clock = time.monotonic()
             self.index_credit -= self.index_clock - now
         return self.index_clock
+
+    def _may_index(self):
+        """Indexing writes too (the free list gives it pages): not before the
+        whole file's verdict, nor while storage fails."""
+        return self.verified.is_set() and not self.storage_problem
 
     def _index(self, seconds):
         try:
@@ -1636,10 +1665,12 @@ class MainLoop:
             return f"could not save the notes it held: {e}"
 
     def _storage_failed(self, message):
-        """Say so in /health and /status, and in the log once per new cause."""
+        """Say so in /health and /status, and in the log once per new cause.
+        Why writes are refused for good stays the problem shown: a later
+        error (a search reading the damaged pages) is only the last error."""
         if message != self.storage_problem:
             log.error("%s", message)
-        self.storage_problem = message
+        self.storage_problem = self.no_writes or message
         self.storage_error = {"message": message, "at": utc_now()}
 
     def _refuse_writes(self, message):
@@ -1909,6 +1940,7 @@ class MainLoop:
         if problems:
             self._refuse_writes(damaged(self.store.path, problems,
                                         "Writes are refused until notesd is restarted"))
+        self.verified.set()
 
     def do_signal(self, signum):
         getattr(self, "on_" + SIGNAL_COMMANDS[signum])()

@@ -4070,6 +4070,9 @@ def _damage(path, how):
     size = os.path.getsize(path)
     page = 4096 * (size // 4096 // 2)
     assert size >= 8 * 4096, "not a multi-page database: %d bytes" % size
+    if how == "truncated":  # page 1 says there is more: sqlite_master cannot be read
+        os.truncate(path, page)
+        return
     with open(path, "r+b") as f:
         if how == "cells":  # the page's header stays: count(*) still works
             f.seek(page + 2048)
@@ -4095,7 +4098,8 @@ def test_damaged_database_is_refused_at_start(make_daemon, tmp_path):
     healthy = d.database + ".healthy"
     shutil.copy(d.database, healthy)
     backups = _backups(tmp_path)
-    for how, commands in (("cells", ("start", "run", "backup")), ("page", ("start",))):
+    for how, commands in (("cells", ("start", "run", "backup")), ("page", ("start",)),
+                          ("truncated", ("start",))):
         shutil.copy(healthy, d.database)
         _damage(d.database, how)
         for command in commands:
@@ -4126,7 +4130,7 @@ def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemo
     d.stop()
     with contextlib.closing(sqlite3.connect(d.database)) as db:
         root = db.execute("SELECT rootpage FROM sqlite_master"
-                          " WHERE name = 'notes_search_docsize'").fetchone()[0]
+                          " WHERE name = 'notes_search_idx'").fetchone()[0]
     with open(d.database, "r+b") as f:  # the index's root page, as a bad disk would
         f.seek((root - 1) * 4096)
         f.write(os.urandom(4096))
@@ -4144,6 +4148,63 @@ def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemo
     r = d.cli("check")
     assert r.returncode == 2 and "damaged" in r.stdout, r.stdout
     assert "damaged" in d.log()
+    # a search that reads the damaged pages: its error does not hide why
+    # writes are refused (it did: "storage error in list", attack review)
+    assert d.get("/?q=index").status == 503
+    status, message = _health(d)
+    assert status == 503 and "quick_check" in message, message
+
+
+def _slow_check(tmp_path, rows):
+    """A notesd.py whose quick_check of the whole file first counts `rows`
+    rows on the checker connection (10M: 2 s here): a verdict that is late."""
+    return _hooked_copy(tmp_path, "problems = damage(self.checker)",
+                        'self.checker.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL '
+                        'SELECT x + 1 FROM c LIMIT %d) SELECT count(*) FROM c").fetchone()' % rows)
+
+
+def test_writes_wait_for_the_verdict_of_the_whole_file(make_daemon, tmp_path):
+    """A free page that is also a page of notes passes the table checks
+    before READY. A write let through before the whole file's verdict was
+    given that page and overwrote notes with it (attack review: 14 notes
+    lost after a 201). Writes wait for the verdict, and get 503."""
+    d = make_daemon(start=False)
+    d.script = _slow_check(tmp_path, 10_000_000)
+    d.start()
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database, isolation_level=None)) as db:
+        db.executemany("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
+                       [("note %d %s" % (i, "x" * 2000), "2026-01-01T00:00:00Z",
+                         "2026-01-01T00:00:00Z") for i in range(300)])
+        db.execute("DELETE FROM notes WHERE id % 2 = 0")  # free pages
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'notes'").fetchone()[0]
+        texts = db.execute("SELECT id, text FROM notes").fetchall()
+    with open(d.database, "r+b") as f:  # the first free page listed: the notes' root
+        trunk = struct.unpack(">I", os.pread(f.fileno(), 4, 32))[0]
+        assert trunk and os.pread(f.fileno(), 4, (trunk - 1) * 4096 + 4) != bytes(4)
+        os.pwrite(f.fileno(), struct.pack(">I", root), (trunk - 1) * 4096 + 8)
+        os.fsync(f.fileno())
+    d.start()
+    assert d.get("/status").json()["storage"]["quick_check"] == "running"
+    r = d.post("y" * 200_000)  # pages from the free list
+    assert r.status == 503 and "damaged" in r.json()["message"], r
+    assert d.get("/status").json()["storage"]["quick_check"] == "damaged"
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        assert db.execute("SELECT id, text FROM notes").fetchall() == texts
+
+
+def test_a_stop_during_the_check_of_the_whole_file_leaves_no_wal(make_daemon, tmp_path):
+    """The checker connection closed after the main one: SQLite checkpoints
+    and removes the WAL only at the last close, so the -wal stayed, holding
+    every write of the run (attack review)."""
+    d = make_daemon(start=False)
+    d.script = _slow_check(tmp_path, 10**12)
+    d.start()
+    assert d.get("/status").json()["storage"]["quick_check"] == "running"
+    d.stop()
+    assert not os.path.exists(d.database + "-wal")
+    assert "quick_check of %s did not finish: interrupted" % d.database in d.log()
 
 
 def _readme_block(heading, fence):
