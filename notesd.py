@@ -972,6 +972,22 @@ def damage_before_ready(db):
     return []
 
 
+def writes_at_open(db):
+    """Will opening the database write to it: a migration due, or the search
+    index to add? Those writes take pages from the free list before READY,
+    so the whole file is checked first (a free page that was also the notes'
+    root page made the index's table of a migration, and 148 of 150 notes
+    were gone; attack review). Unreadable: yes, and the check says why."""
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        index = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone()
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:
+        return True
+    return version < len(MIGRATIONS) or (not index and _has_trigram(db))
+
+
 def damaged(path, problems, consequence):
     return (f"database {path} is damaged; PRAGMA quick_check says: {'; '.join(problems)}. "
             f"{consequence}: restore the latest backup as README.md says (Backups, Restore)")
@@ -1008,7 +1024,8 @@ class Store:
         self.top = None  # the largest id given so far, once read (ids_left)
         try:
             self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            problems = damage_before_ready(self.db)
+            whole = writes_at_open(self.db)
+            problems = damage(self.db) if whole else damage_before_ready(self.db)
             if problems:
                 self.db.close()
                 raise NotesdError(damaged(path, problems, "notesd will not serve from it"))
@@ -1022,8 +1039,8 @@ class Store:
             self.unindexed = self._backlog()
             self.count = self.db.execute("SELECT count(*) FROM notes").fetchone()[0]
             self.files = self._held_files()  # before the checker's are open
-            self.checker = None
-            if sqlite3.sqlite_version_info >= QUICK_CHECK_TABLE:
+            self.checker = None  # the whole file is checked already if so:
+            if not whole and sqlite3.sqlite_version_info >= QUICK_CHECK_TABLE:
                 self.checker = sqlite3.connect(path, timeout=BUSY_TIMEOUT,
                                                check_same_thread=False)
                 self.checker.execute("SELECT 1 FROM sqlite_master").fetchall()  # opens -wal, -shm
@@ -1521,8 +1538,8 @@ class MainLoop:
         where the checks before READY cannot look (a free page that is also
         a page of notes), a write let through before it overwrote 14 notes
         (attack review)."""
-        if name in self.WRITES and not self.verified.is_set():
-            self.verified.wait(REPLY_TIMEOUT)
+        if name in self.WRITES and self.quick_check != "ok":
+            self.verified.wait(REPLY_TIMEOUT)  # set by do_checked, or by a stop
             if self.quick_check == "running":  # no verdict in time, or a stop came first
                 raise _http_error(503, "notesd is still checking its database (PRAGMA "
                                   "quick_check) before it takes writes", ("Retry-After", "5"))
@@ -1628,7 +1645,7 @@ class MainLoop:
     def _may_index(self):
         """Indexing writes too (the free list gives it pages): not before the
         whole file's verdict, nor while storage fails."""
-        return self.verified.is_set() and not self.storage_problem
+        return self.quick_check == "ok" and not self.storage_problem
 
     def _index(self, seconds):
         try:
@@ -1645,8 +1662,8 @@ class MainLoop:
             if vanished:
                 self._refuse_writes(f"{vanished}; writes are refused until notesd "
                                     f"is restarted; {self._rescue()} (see the README, Backups)")
-        if self.no_writes:
-            return
+        if self.no_writes or self.storage_problem and self.quick_check != "ok":
+            return  # the probe writes: not before the whole file's verdict
         try:
             if self.storage_problem:
                 self.store.probe()
@@ -1940,6 +1957,9 @@ class MainLoop:
         if problems:
             self._refuse_writes(damaged(self.store.path, problems,
                                         "Writes are refused until notesd is restarted"))
+        elif problems is None:  # an I/O error: no verdict, so no writes
+            self._refuse_writes(f"the quick_check of {self.store.path} did not finish (see "
+                                "the log); writes are refused until notesd is restarted")
         self.verified.set()
 
     def do_signal(self, signum):

@@ -4172,18 +4172,12 @@ def test_writes_wait_for_the_verdict_of_the_whole_file(make_daemon, tmp_path):
     d.script = _slow_check(tmp_path, 10_000_000)
     d.start()
     d.stop()
-    with contextlib.closing(sqlite3.connect(d.database, isolation_level=None)) as db:
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
         db.executemany("INSERT INTO notes (text, created, updated) VALUES (?, ?, ?)",
                        [("note %d %s" % (i, "x" * 2000), "2026-01-01T00:00:00Z",
                          "2026-01-01T00:00:00Z") for i in range(300)])
-        db.execute("DELETE FROM notes WHERE id % 2 = 0")  # free pages
-        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'notes'").fetchone()[0]
-        texts = db.execute("SELECT id, text FROM notes").fetchall()
-    with open(d.database, "r+b") as f:  # the first free page listed: the notes' root
-        trunk = struct.unpack(">I", os.pread(f.fileno(), 4, 32))[0]
-        assert trunk and os.pread(f.fileno(), 4, (trunk - 1) * 4096 + 4) != bytes(4)
-        os.pwrite(f.fileno(), struct.pack(">I", root), (trunk - 1) * 4096 + 8)
-        os.fsync(f.fileno())
+        db.commit()
+    texts = _free_page_is_the_notes_root(d.database)
     d.start()
     assert d.get("/status").json()["storage"]["quick_check"] == "running"
     r = d.post("y" * 200_000)  # pages from the free list
@@ -4194,12 +4188,103 @@ def test_writes_wait_for_the_verdict_of_the_whole_file(make_daemon, tmp_path):
         assert db.execute("SELECT id, text FROM notes").fetchall() == texts
 
 
+def _free_page_is_the_notes_root(path):
+    """Damage as a bad disk might: the first page the free list gives out is
+    the notes table's root. Notes: the ids and texts, as they were."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("DELETE FROM notes WHERE id % 2 = 0")  # free pages
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'notes'").fetchone()[0]
+        texts = db.execute("SELECT id, text FROM notes").fetchall()
+    with open(path, "r+b") as f:
+        trunk = struct.unpack(">I", os.pread(f.fileno(), 4, 32))[0]
+        assert trunk and os.pread(f.fileno(), 4, (trunk - 1) * 4096 + 4) != bytes(4)
+        os.pwrite(f.fileno(), struct.pack(">I", root), (trunk - 1) * 4096 + 8)
+        os.fsync(f.fileno())
+    return texts
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_database_to_migrate_is_checked_whole_before_ready(make_daemon):
+    """A migration writes before READY: with the free list damaged as above,
+    migration 2 built the index's table on the notes' root page, and 148 of
+    150 notes were gone (attack review). Such a start checks the whole file
+    first, and refuses it."""
+    d = make_daemon(start=False)
+    _old_database(d.database, ["note %d %s" % (i, "x" * 2000) for i in range(300)])
+    texts = _free_page_is_the_notes_root(d.database)
+    r = d.cli("start")
+    assert r.returncode == 1 and "quick_check" in r.stderr, (r.stderr, d.log()[-2000:])
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("SELECT id, text FROM notes").fetchall() == texts
+
+
+def test_a_write_that_arrives_during_a_stop_gets_no_unchecked_write(make_daemon, tmp_path):
+    """A stop wakes the writers waiting for the whole file's verdict: one
+    whose body ended after the stop began ran without any verdict, 201
+    (attack review). It gets 503."""
+    d = make_daemon(start=False)
+    d.script = _slow_check(tmp_path, 10**12)
+    d.start()  # a new database: migrated, so checked whole before READY
+    d.stop()
+    d.start()
+    body = json.dumps({"text": "after the stop began"}).encode()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stopping = pool.submit(d.stop)
+            # the listener closes just before the drain wakes the waiting writers
+            wait_until(lambda: _refused(d.port), 5, d, "the stop to close the listener")
+            s.sendall(body[5:])
+            reply = s.recv(65536)
+            stopping.result()
+    assert reply.startswith(b"HTTP/1.1 503"), reply
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        assert db.execute("SELECT count(*) FROM notes").fetchone()[0] == 0
+
+
+def test_no_storage_probe_writes_before_the_verdict(make_daemon, tmp_path):
+    """After a storage error, the storage probe writes (user_version, as
+    it is) to learn when writes work again: before the whole file's verdict
+    it wrote to a damaged file, and said "storage works again" (attack
+    review). It waits for the verdict."""
+    d = make_daemon(start=False)
+    _old_database(d.database, ["note %d %s" % (i, "index me " * 20) for i in range(300)])
+    d.start()
+    wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 30, d,
+               "the search index to be built")
+    d.stop()
+    with contextlib.closing(sqlite3.connect(d.database)) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master"
+                          " WHERE name = 'notes_search_idx'").fetchone()[0]
+    with open(d.database, "r+b") as f:
+        os.pwrite(f.fileno(), os.urandom(4096), (root - 1) * 4096)
+        os.fsync(f.fileno())
+    d.script = _slow_check(tmp_path, 10**12)
+    d.start()
+    assert d.get("/?q=index").status == 503
+    recovered, _ = poll_until(lambda: "storage works again" in d.log(), 2.5)  # two ticks
+    assert not recovered, d.log()[-2000:]
+    assert _health(d)[0] == 503
+
+
 def test_a_stop_during_the_check_of_the_whole_file_leaves_no_wal(make_daemon, tmp_path):
     """The checker connection closed after the main one: SQLite checkpoints
     and removes the WAL only at the last close, so the -wal stayed, holding
     every write of the run (attack review)."""
     d = make_daemon(start=False)
     d.script = _slow_check(tmp_path, 10**12)
+    d.start()  # a new database: migrated, so checked whole before READY
+    assert d.get("/status").json()["storage"]["quick_check"] == "ok"
+    d.stop()
     d.start()
     assert d.get("/status").json()["storage"]["quick_check"] == "running"
     d.stop()
