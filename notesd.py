@@ -989,6 +989,8 @@ def writes_at_open(db):
 
 
 def damaged(path, problems, consequence):
+    """The message for damage quick_check found: what notesd does, and the
+    README's way out."""
     return (f"database {path} is damaged; PRAGMA quick_check says: {'; '.join(problems)}. "
             f"{consequence}: restore the latest backup as README.md says (Backups, Restore)")
 
@@ -1015,8 +1017,9 @@ class Store:
     notes the whole file's check took 0.41-0.88 s of `start`'s 1 s, the
     notes' 0.2 s. The whole file is checked once the daemon serves, by a
     thread with a connection of its own (check_whole_file), opened here so
-    that it needs no path inside a chroot; damage found there stops writes
-    (MainLoop.do_checked).
+    that it needs no path inside a chroot; writes wait for its verdict, and
+    damage found there stops them (MainLoop.do_checked). An open that will
+    write (writes_at_open: a migration) checks the whole file first.
     """
 
     def __init__(self, path):
