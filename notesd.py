@@ -847,7 +847,7 @@ NOTE_BYTES = "length(CAST({} AS BLOB))"
 
 def _scan_long_notes(db):
     """Migration 3 (SCAN_LONG_NOTES), where there is an index to change."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone():
+    if _has_index(db):
         short = f"{NOTE_BYTES.format('{}')} <= {INDEX_NOTE_BYTES}"
         parts = {"short": short.format("text"), "forget": FORGET_NOTE,
                  "file": FILE_NOTE.format(new_short=short.format("new.text"))}
@@ -862,8 +862,14 @@ def _merge_in_steps(db):
     10 ms, and the longest 74-236 ms. index_some merges INDEX_MERGE pages in
     each of its transactions instead: the longest 28 ms, and searches as fast
     (bench figures in the README, Performance)."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone():
+    if _has_index(db):
         db.execute("INSERT INTO notes_search (notes_search, rank) VALUES ('automerge', 0)")
+
+
+def _has_index(db):
+    """Does the database hold the search index (migration 2)?"""
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone() \
+        is not None
 
 
 def _has_trigram(db):
@@ -956,16 +962,13 @@ def damage_before_ready(db):
     found here is confirmed by the check of the whole file before notesd
     refuses to start: a check of one table skips the pages of the others,
     and an error in how an older SQLite did that would refuse a sound file.
-    Before 3.33, the argument would be read as a count: the whole file."""
+    Before 3.33, the argument would be read as a count: the whole file.
+    Store calls it only once writes_at_open has read sqlite_master: an
+    unreadable one has had the whole file's check."""
     if sqlite3.sqlite_version_info < QUICK_CHECK_TABLE:
         return damage(db)
-    try:
-        tables = [row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'notes_search%'")]
-    except sqlite3.OperationalError:
-        raise
-    except sqlite3.DatabaseError:  # not a database, page 1 damaged: the check says so
-        return damage(db)
+    tables = [row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'notes_search%'")]
     for table in ["sqlite_master"] + tables:
         if damage(db, table):
             return damage(db)
@@ -980,7 +983,7 @@ def writes_at_open(db):
     were gone; attack review). Unreadable: yes, and the check says why."""
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        index = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'").fetchone()
+        index = _has_index(db)
     except sqlite3.OperationalError:
         raise
     except sqlite3.DatabaseError:
@@ -1059,8 +1062,7 @@ class Store:
     def _search_index(self):
         """Is ?q= served by the index? A database indexed elsewhere, opened
         by a SQLite without FTS5, would fail every write in its triggers."""
-        exists = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'")
-        if not exists.fetchone():
+        if not _has_index(self.db):
             return False
         if not _has_trigram(self.db):
             raise sqlite3.DatabaseError(
@@ -1257,8 +1259,7 @@ class Store:
             step(self.db) if callable(step) else self.db.execute(step)
             self.db.execute(f"PRAGMA user_version = {number + 1}")
             self.db.execute("COMMIT")
-        indexed = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes_search'")
-        if not indexed.fetchone():  # made where SQLite had no FTS5: the index's steps
+        if not _has_index(self.db):  # made where SQLite had no FTS5: the index's steps
             self.db.execute("BEGIN IMMEDIATE")
             for step in MIGRATIONS[1:]:  # each does nothing without an index
                 step(self.db)

@@ -4116,12 +4116,9 @@ def test_damaged_database_is_refused_at_start(make_daemon, tmp_path):
     assert d.get("/status").json()["notes"] == 100
 
 
-def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemon):
-    """The tables of notes are checked before READY; the rest of the file,
-    the search index most of all (with 1M notes: 0.2 s of a 0.41-0.88 s
-    check), by a thread once the daemon serves. Damage found there stops
-    writes, as damage in the notes stops the start."""
-    d = make_daemon(start=False)
+def _indexed_then_damaged(d):
+    """300 notes, indexed by d (not running), whose whole file passed its
+    check; then the index's root page overwritten, as a bad disk would."""
     _old_database(d.database, ["note %d %s" % (i, "index me " * 20) for i in range(300)])
     d.start()
     wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 30, d,
@@ -4131,10 +4128,18 @@ def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemo
     with contextlib.closing(sqlite3.connect(d.database)) as db:
         root = db.execute("SELECT rootpage FROM sqlite_master"
                           " WHERE name = 'notes_search_idx'").fetchone()[0]
-    with open(d.database, "r+b") as f:  # the index's root page, as a bad disk would
-        f.seek((root - 1) * 4096)
-        f.write(os.urandom(4096))
+    with open(d.database, "r+b") as f:
+        os.pwrite(f.fileno(), os.urandom(4096), (root - 1) * 4096)
         os.fsync(f.fileno())
+
+
+def test_a_damaged_search_index_is_found_after_start_and_stops_writes(make_daemon):
+    """The tables of notes are checked before READY; the rest of the file,
+    the search index most of all (with 1M notes: 0.2 s of a 0.41-0.88 s
+    check), by a thread once the daemon serves. Damage found there stops
+    writes, as damage in the notes stops the start."""
+    d = make_daemon(start=False)
+    _indexed_then_damaged(d)
     d.start()  # its notes are sound: it serves them
     wait_until(lambda: d.get("/status").json()["storage"]["quick_check"] != "running", 10, d,
                "the quick_check of the whole file")
@@ -4257,17 +4262,7 @@ def test_no_storage_probe_writes_before_the_verdict(make_daemon, tmp_path):
     it wrote to a damaged file, and said "storage works again" (attack
     review). It waits for the verdict."""
     d = make_daemon(start=False)
-    _old_database(d.database, ["note %d %s" % (i, "index me " * 20) for i in range(300)])
-    d.start()
-    wait_until(lambda: d.get("/status").json()["search"]["unindexed"] == 0, 30, d,
-               "the search index to be built")
-    d.stop()
-    with contextlib.closing(sqlite3.connect(d.database)) as db:
-        root = db.execute("SELECT rootpage FROM sqlite_master"
-                          " WHERE name = 'notes_search_idx'").fetchone()[0]
-    with open(d.database, "r+b") as f:
-        os.pwrite(f.fileno(), os.urandom(4096), (root - 1) * 4096)
-        os.fsync(f.fileno())
+    _indexed_then_damaged(d)
     d.script = _slow_check(tmp_path, 10**12)
     d.start()
     assert d.get("/?q=index").status == 503
